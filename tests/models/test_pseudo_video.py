@@ -1,0 +1,129 @@
+"""Algorithm 1: channel groupings, frame order and repetition, and the TCNN shortcut."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conchshell.errors import ConfigError
+from conchshell.models.pseudo_video import (
+    block_to_frame,
+    build_pseudo_video,
+    channel_groups,
+    image_to_pseudo_video,
+)
+from conchshell.models.tcnn import TCNN6, TCNN18
+
+
+def _channel_index_block(channels: int, batch: int = 2, size: int = 4, offset: float = 0.0) -> torch.Tensor:
+    """A block whose channel c holds the constant value c + offset everywhere."""
+    values = torch.arange(channels, dtype=torch.float32) + offset
+    return values.view(1, channels, 1, 1).expand(batch, channels, size, size).contiguous()
+
+
+def test_even_groups_are_tensor_split() -> None:
+    assert channel_groups(16, "even") == [(0, 6), (6, 11), (11, 16)]
+    for channels in (3, 16, 32, 64, 128, 256, 512, 100):
+        sizes = [stop - start for start, stop in channel_groups(channels, "even")]
+        assert sizes == [len(part) for part in torch.tensor_split(torch.arange(channels), 3)]
+
+
+def test_original_groups_skip_two_channels() -> None:
+    assert channel_groups(16, "original") == [(0, 5), (6, 11), (12, 16)]
+    groups = channel_groups(128, "original")
+    assert groups == [(0, 42), (43, 85), (86, 128)]
+    covered = {c for start, stop in groups for c in range(start, stop)}
+    assert set(range(128)) - covered == {42, 85}
+
+
+def test_group_means_on_a_known_block() -> None:
+    block = _channel_index_block(16)
+    even = block_to_frame(block, "even")
+    original = block_to_frame(block, "original")
+    assert even.shape == original.shape == (2, 3, 4, 4)
+    # even: channels 0-5, 6-10, 11-15; original: 0-4, 6-10, 12-15.
+    torch.testing.assert_close(even[0, :, 0, 0], torch.tensor([2.5, 8.0, 13.0]))
+    torch.testing.assert_close(original[0, :, 0, 0], torch.tensor([2.0, 8.0, 13.5]))
+    assert (even == even[:1, :, :1, :1]).all(), "a constant block gives constant frames"
+
+
+def test_frames_repeat_block_by_block() -> None:
+    # Block i has channels valued 100*i + c, so every frame names its block.
+    blocks = [_channel_index_block(c, offset=100.0 * i) for i, c in enumerate((16, 32, 9))]
+    video = build_pseudo_video(blocks, frames_per_block=3)
+    assert video.shape == (2, 3, 9, 4, 4)
+    assert video.is_contiguous()
+    for t in range(9):
+        torch.testing.assert_close(video[:, :, t], block_to_frame(blocks[t // 3]))
+    assert video[0, 0, :, 0, 0].tolist() == [2.5] * 3 + [105.0] * 3 + [201.0] * 3
+
+
+def test_single_frame_per_block() -> None:
+    blocks = [torch.randn(1, c, 5, 6) for c in (5, 7, 8, 9)]
+    video = build_pseudo_video(blocks, frames_per_block=1, grouping="original")
+    assert video.shape == (1, 3, 4, 5, 6)
+    for t, block in enumerate(blocks):
+        torch.testing.assert_close(video[:, :, t], block_to_frame(block, "original"))
+
+
+def test_gradient_reaches_every_grouped_channel() -> None:
+    block = torch.randn(1, 16, 3, 3, requires_grad=True)
+    build_pseudo_video([block], frames_per_block=3, grouping="even").sum().backward()
+    # d(sum)/d(channel) = repeats / group size: 3/6 for the first group, 3/5 for the others.
+    expected = torch.tensor([0.5] * 6 + [0.6] * 10)
+    torch.testing.assert_close(block.grad[0, :, 0, 0], expected)
+
+
+def test_original_grouping_ignores_the_skipped_channels() -> None:
+    block = torch.randn(1, 16, 3, 3, requires_grad=True)
+    build_pseudo_video([block], frames_per_block=2, grouping="original").sum().backward()
+    per_channel = block.grad[0, :, 0, 0]
+    assert per_channel[5] == 0 and per_channel[11] == 0
+    assert (per_channel[[0, 4, 6, 10, 12, 15]] > 0).all()
+
+
+def test_bad_inputs_are_rejected() -> None:
+    block = torch.randn(1, 16, 4, 4)
+    with pytest.raises(ConfigError, match="'thirds'"):
+        build_pseudo_video([block], 3, grouping="thirds")
+    with pytest.raises(ValueError, match="shape"):
+        build_pseudo_video([block, torch.randn(1, 16, 4, 5)], 3)
+    with pytest.raises(ValueError):
+        build_pseudo_video([], 3)
+    with pytest.raises(ValueError):
+        build_pseudo_video([block], 0)
+    with pytest.raises(ValueError, match="too small"):
+        block_to_frame(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="too small"):
+        block_to_frame(torch.randn(1, 4, 4, 4), "original")
+    with pytest.raises(ValueError, match=r"\[B,C,H,W\]"):
+        block_to_frame(torch.randn(16, 4, 4))
+
+
+@pytest.mark.parametrize("cls", [TCNN6, TCNN18])
+@pytest.mark.parametrize("grouping", ["even", "original"])
+def test_image_to_pseudo_video_matches_the_two_step_path(cls: type, grouping: str) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    images = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        video = image_to_pseudo_video(model, images, grouping=grouping)
+        expected = build_pseudo_video(model.time_features(images), model.frames_per_block, grouping)
+    assert video.shape == (2, 3, 18, 20, 20)
+    torch.testing.assert_close(video, expected)
+
+
+def test_tcnn6_pseudo_video_at_paper_size() -> None:
+    model = TCNN6().eval()
+    with torch.no_grad():
+        video = image_to_pseudo_video(model, torch.randn(1, 3, 224, 224))
+    assert video.shape == (1, 3, 18, 224, 224)
+    assert torch.isfinite(video).all()
+
+
+@pytest.mark.heavy
+def test_tcnn18_pseudo_video_at_paper_size() -> None:
+    model = TCNN18().eval()
+    with torch.no_grad():
+        video = image_to_pseudo_video(model, torch.randn(1, 3, 224, 224))
+    assert video.shape == (1, 3, 18, 224, 224)
+    assert torch.isfinite(video).all()
