@@ -1,0 +1,305 @@
+"""The ConchShell generators: image features + class -> continuous Jukebox latent.
+
+Input: the frozen I3D feature vector (2048) concatenated with a learned class embedding
+(6 classes x 256), i.e. 2304 numbers. A Linear layer turns them into a one-channel
+"signal" that a 1-D conv stack (with MelGAN-style residual blocks) turns into a
+``[latent_channels, latent_length]`` latent, squashed by ``tanh`` and scaled by 100.
+
+Three levels, one per Jukebox VQ-VAE level (paper Table 1):
+
+* ``high`` (level 2, hop 128, latent [64, 1000]): Linear 2304->4800, six convs with
+  padding 1 (1->64 k10 s2, 64->128 k20 s2, 128->256 k40, 256->512 k60, 512->256 k60,
+  256->64 k42), LeakyReLU(0.2) before all but the first and two residual blocks
+  (dilations 1, 3) after all but the last, then tanh x 100.
+  33,108,800 parameters, 23,800,072,320 MACs at batch 1: the paper's 33.109M / 23.800G.
+* ``low`` (level 1, hop 32, latent [64, 4000]): Linear 2304->4096, seven stages of
+  ReflectionPad(16/32/64/64/64/64/64) -> Conv k40 p1 -> MaxPool1d(k10, p1, stride s) with
+  channels 1->32->64->128->256->512->1024->256 and pool strides 2,2,2,2,1,1,1 (residual
+  blocks after the first six, LeakyReLU before stages 2..7), then ReflectionPad 64 ->
+  Conv 256->64 k40 p1 -> tanh -> Linear over time (664 -> 4000) -> x 100.
+  65,182,528 parameters, 27,205,457,664 MACs: the paper's 65.183M / 27.205G.
+* ``deep`` (level 0, hop 8, latent [64, 16000], the paper's main model): as ``low`` with
+  pool strides 2,2,2,1,1,1,1 (time 985) and a Linear 985 -> 16000.
+  78,298,528 parameters, 44,453,017,344 MACs. This is the architecture of the RELEASED code.
+  The paper's Table 1 claims 100.420M / 59.197G for G-Deep, and no variant of the
+  released code reproduces those figures, so we build what was released.
+
+Exact MAC figures are asserted in ``tests/models/test_generator.py``. Parameter counts
+exclude the class embedding (6 x 256 = 1,536 parameters), as the paper's do; the embedding
+still lives inside the generator (``class_embedding``) so an exported generator needs no
+other module to run.
+
+Note for ``low``/``deep``: the final Linear over time comes *after* the tanh (as released),
+so their output is not strictly bounded by 100; only ``high`` is.
+
+The latent length follows the caller (``seconds * sample_rate / hop``), never a literal:
+``low``/``deep`` size their time Linear to it; ``high`` has no such layer, so the width of
+its input Linear is derived as ``4 * latent_length + 800`` (its conv stack maps any of
+``4T+798 .. 4T+801`` samples to exactly ``T`` frames; ``+800`` gives the paper's 4800 at T=1000).
+
+``width`` scales every hidden channel count (not the 1-channel input signal nor the
+``latent_channels`` output), for narrow demo and test generators. ``signal_length``
+(``low``/``deep`` only) shrinks the one-channel signal for fast tiny configs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from conchshell.errors import ConfigError
+from conchshell.nn.layers import ResnetBlock1d
+
+LEVELS = ("high", "low", "deep")
+LATENT_SCALE = 100.0
+RESBLOCK_DILATIONS = (1, 3)
+
+# High: (out_channels, kernel, stride) of the hidden convs; all use padding 1. The final
+# conv to latent_channels has kernel HIGH_FINAL_KERNEL.
+HIGH_STAGES = ((64, 10, 2), (128, 20, 2), (256, 40, 1), (512, 60, 1), (256, 60, 1))
+HIGH_FINAL_KERNEL = 42
+HIGH_SIGNAL_PER_FRAME = 4  # product of the strides
+HIGH_SIGNAL_OFFSET = 800
+
+# Low / Deep: seven [ReflectionPad -> Conv k40 p1 -> MaxPool k10 p1 stride s] stages.
+POOLED_CHANNELS = (32, 64, 128, 256, 512, 1024, 256)
+POOLED_REFLECTION = (16, 32, 64, 64, 64, 64, 64)
+POOLED_KERNEL = 40
+POOL_KERNEL = 10
+POOL_STRIDES = {"low": (2, 2, 2, 2, 1, 1, 1), "deep": (2, 2, 2, 1, 1, 1, 1)}
+POOLED_FINAL_REFLECTION = 64
+POOLED_SIGNAL_LENGTH = 4096
+RESIDUAL_STAGES = 6  # residual blocks follow the first six stages only
+
+
+def _conv_length(length: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def high_time_length(signal_length: int) -> int:
+    """Frames the High conv stack makes from a signal of ``signal_length`` samples (< 1: too short)."""
+    length = signal_length
+    for _, kernel, stride in HIGH_STAGES:
+        length = _conv_length(length, kernel, stride, padding=1)
+        # The residual blocks reflect-pad by their dilation, which needs a longer input.
+        if length <= max(RESBLOCK_DILATIONS):
+            return 0
+    return _conv_length(length, HIGH_FINAL_KERNEL, padding=1)
+
+
+def pooled_time_length(signal_length: int, pool_strides: tuple[int, ...]) -> int:
+    """Frames the Low/Deep conv stack makes from ``signal_length`` samples (0: too short)."""
+    length = signal_length
+    for index, (reflection, stride) in enumerate(zip(POOLED_REFLECTION, pool_strides)):
+        if length <= reflection:  # ReflectionPad1d needs pad < length
+            return 0
+        length = _conv_length(length + 2 * reflection, POOLED_KERNEL, padding=1)
+        length = _conv_length(length, POOL_KERNEL, stride, padding=1)
+        if length < 1 or (index < RESIDUAL_STAGES and length <= max(RESBLOCK_DILATIONS)):
+            return 0
+    if length <= POOLED_FINAL_REFLECTION:
+        return 0
+    return max(0, _conv_length(length + 2 * POOLED_FINAL_REFLECTION, POOLED_KERNEL, padding=1))
+
+
+def _min_pooled_signal_length(pool_strides: tuple[int, ...]) -> int:
+    length = 1
+    while pooled_time_length(length, pool_strides) < 1:
+        length += 1
+    return length
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+def _residual_pair(channels: int) -> list[nn.Module]:
+    return [ResnetBlock1d(channels, dilation) for dilation in RESBLOCK_DILATIONS]
+
+
+def _build_high_body(width: float, latent_channels: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for index, (out_channels, kernel, stride) in enumerate(HIGH_STAGES):
+        out_channels = _scaled(out_channels, width)
+        if index > 0:
+            layers.append(nn.LeakyReLU(0.2))
+        layers.append(nn.Conv1d(in_channels, out_channels, kernel, stride=stride, padding=1))
+        layers += _residual_pair(out_channels)
+        in_channels = out_channels
+    layers += [nn.LeakyReLU(0.2), nn.Conv1d(in_channels, latent_channels, HIGH_FINAL_KERNEL, padding=1)]
+    return layers
+
+
+def _build_pooled_body(width: float, latent_channels: int, pool_strides: tuple[int, ...]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    in_channels = 1
+    for index, (out_channels, reflection, stride) in enumerate(
+        zip(POOLED_CHANNELS, POOLED_REFLECTION, pool_strides)
+    ):
+        out_channels = _scaled(out_channels, width)
+        if index > 0:
+            layers.append(nn.LeakyReLU(0.2))
+        layers += [
+            nn.ReflectionPad1d(reflection),
+            nn.Conv1d(in_channels, out_channels, POOLED_KERNEL, padding=1),
+            nn.MaxPool1d(POOL_KERNEL, stride=stride, padding=1),
+        ]
+        if index < RESIDUAL_STAGES:
+            layers += _residual_pair(out_channels)
+        in_channels = out_channels
+    layers += [
+        nn.ReflectionPad1d(POOLED_FINAL_REFLECTION),
+        nn.Conv1d(in_channels, latent_channels, POOLED_KERNEL, padding=1),
+    ]
+    return layers
+
+
+def _init_plain_convs(module: nn.Module) -> None:
+    # The released code draws plain conv weights from N(0, 0.02). Its init also "touched"
+    # the weight-normalised convs, but that had no effect (their weight is recomputed from
+    # g and v), so those keep torch's default init here too.
+    if isinstance(module, nn.Conv1d) and not parametrize.is_parametrized(module):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+
+
+class ConchShellGenerator(nn.Module):
+    """Maps ``(features [B, feature_dim], class_ids [B])`` to a latent ``[B, latent_channels, latent_length]``.
+
+    Build it with :func:`build_generator`; the constructor takes the same arguments.
+    Sub-modules: ``class_embedding``, ``input_projection`` (Linear to the 1-channel signal),
+    ``body`` (the conv stack, one flat ``nn.Sequential`` in the released layer order) and,
+    for ``low``/``deep``, ``time_projection`` (Linear over time to ``latent_length``).
+    """
+
+    def __init__(
+        self,
+        level: str,
+        *,
+        latent_length: int,
+        feature_dim: int = 2048,
+        num_classes: int = 6,
+        class_dim: int = 256,
+        latent_channels: int = 64,
+        width: float = 1.0,
+        signal_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        level = level.lower() if isinstance(level, str) else level
+        if level not in LEVELS:
+            raise ConfigError(f"unknown generator level {level!r}; expected one of {', '.join(LEVELS)}")
+        for name, value in (
+            ("latent_length", latent_length),
+            ("feature_dim", feature_dim),
+            ("num_classes", num_classes),
+            ("class_dim", class_dim),
+            ("latent_channels", latent_channels),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"generator {name} must be a positive integer, got {value!r}")
+        if not width > 0:
+            raise ConfigError(f"generator width must be > 0, got {width!r}")
+
+        self.level = level
+        self.latent_length = latent_length
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.class_dim = class_dim
+        self.latent_channels = latent_channels
+        self.width = float(width)
+
+        if level == "high":
+            derived = HIGH_SIGNAL_PER_FRAME * latent_length + HIGH_SIGNAL_OFFSET
+            if signal_length is not None and signal_length != derived:
+                raise ConfigError(
+                    f"the high generator's signal length follows latent_length "
+                    f"({HIGH_SIGNAL_PER_FRAME} * {latent_length} + {HIGH_SIGNAL_OFFSET} = {derived}); "
+                    f"got signal_length={signal_length}"
+                )
+            self.signal_length = derived
+            # Guards the arithmetic above against future edits of HIGH_STAGES.
+            assert high_time_length(derived) == latent_length, "high signal length formula is stale"
+            body = _build_high_body(self.width, latent_channels)
+            self.time_projection: nn.Linear | None = None
+        else:
+            strides = POOL_STRIDES[level]
+            self.signal_length = POOLED_SIGNAL_LENGTH if signal_length is None else signal_length
+            frames = pooled_time_length(self.signal_length, strides)
+            if frames < 1:
+                raise ConfigError(
+                    f"generator signal_length {self.signal_length} is too short for the {level} conv "
+                    f"stack; the minimum is {_min_pooled_signal_length(strides)}"
+                )
+            self.time_frames = frames
+            body = _build_pooled_body(self.width, latent_channels, strides)
+            self.time_projection = nn.Linear(frames, latent_length)
+
+        self.class_embedding = nn.Embedding(num_classes, class_dim)
+        self.input_projection = nn.Linear(feature_dim + class_dim, self.signal_length)
+        self.body = nn.Sequential(*body)
+        self.body.apply(_init_plain_convs)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this architecture with :func:`build_generator`."""
+        return {
+            "level": self.level,
+            "latent_length": self.latent_length,
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "class_dim": self.class_dim,
+            "latent_channels": self.latent_channels,
+            "width": self.width,
+            "signal_length": None if self.level == "high" else self.signal_length,
+        }
+
+    def condition(self, features: Tensor, class_ids: Tensor) -> Tensor:
+        """Concatenate features and class embeddings: ``[B, feature_dim + class_dim]``."""
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise ValueError(f"features must be [B, {self.feature_dim}], got {tuple(features.shape)}")
+        if class_ids.shape != features.shape[:1]:
+            raise ValueError(f"class_ids must be [B] = [{features.shape[0]}], got {tuple(class_ids.shape)}")
+        embedding = self.class_embedding(class_ids.long())
+        return torch.cat([features.to(embedding.dtype), embedding], dim=1)
+
+    def body_forward(self, conditioning: Tensor) -> Tensor:
+        """Everything after the class embedding: ``[B, feature_dim + class_dim]`` -> latent."""
+        signal = self.input_projection(conditioning).unsqueeze(1)  # one-channel signal [B, 1, L]
+        latent = torch.tanh(self.body(signal))
+        if self.time_projection is not None:
+            latent = self.time_projection(latent)
+        return latent * LATENT_SCALE
+
+    def forward(self, features: Tensor, class_ids: Tensor) -> Tensor:
+        return self.body_forward(self.condition(features, class_ids))
+
+
+def build_generator(
+    level: str,
+    *,
+    latent_length: int,
+    feature_dim: int = 2048,
+    num_classes: int = 6,
+    class_dim: int = 256,
+    latent_channels: int = 64,
+    width: float = 1.0,
+    signal_length: int | None = None,
+) -> ConchShellGenerator:
+    """Build the ``high``, ``low`` or ``deep`` generator; the defaults reproduce the paper.
+
+    ``latent_length`` is ``clip_seconds * sample_rate / hop`` of the codec level (1000, 4000
+    and 16000 frames for 8 s at 16 kHz). Raises ConfigError for an unknown level or sizes
+    the architecture cannot honour (the message gives the minimum).
+    """
+    return ConchShellGenerator(
+        level,
+        latent_length=latent_length,
+        feature_dim=feature_dim,
+        num_classes=num_classes,
+        class_dim=class_dim,
+        latent_channels=latent_channels,
+        width=width,
+        signal_length=signal_length,
+    )

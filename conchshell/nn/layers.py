@@ -1,0 +1,65 @@
+"""Weight-normalised 1-D convolutions and the MelGAN-style residual block.
+
+These are shared by the ConchShell generators and the multi-scale discriminator. Weight
+normalisation uses ``torch.nn.utils.parametrizations.weight_norm`` (the non-deprecated
+API): the state dict then holds ``parametrizations.weight.original0`` (the magnitude g)
+and ``parametrizations.weight.original1`` (the direction v). torch converts old-style
+``weight_g`` / ``weight_v`` entries to these names when ``load_state_dict`` is called.
+
+The normalisation is an element-wise product and a norm, so it adds no multiply-accumulates
+to ``conchshell.utils.profile.count_macs`` (which counts convolutions and matmuls only).
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def WNConv1d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    bias: bool = True,
+) -> nn.Conv1d:
+    """A ``Conv1d`` whose weight is reparametrised as ``g * v / ||v||`` (one g per output channel)."""
+    conv = nn.Conv1d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+    )
+    return weight_norm(conv)
+
+
+class ResnetBlock1d(nn.Module):
+    """Length-preserving residual unit: ``shortcut(x) + block(x)``.
+
+    ``block`` = LeakyReLU(0.2) -> ReflectionPad(dilation) -> WN-Conv(k3, dilation)
+    -> LeakyReLU(0.2) -> WN-Conv(k1). The shortcut is a learned WN k1 conv rather than the
+    identity, as in the released ConchShell code (it costs ``channels**2 + 2*channels``
+    parameters per block and is part of the paper's parameter counts).
+    """
+
+    def __init__(self, channels: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.block = nn.Sequential(
+            nn.LeakyReLU(0.2),
+            # Reflection (not zero) padding keeps the edges of the latent free of a DC step.
+            nn.ReflectionPad1d(dilation),
+            WNConv1d(channels, channels, kernel_size=3, dilation=dilation),
+            nn.LeakyReLU(0.2),
+            WNConv1d(channels, channels, kernel_size=1),
+        )
+        self.shortcut = WNConv1d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.shortcut(x) + self.block(x)

@@ -1,0 +1,135 @@
+"""Multi-scale discriminator: the paper's size, output layout, flattening, tiny widths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import conchshell.models.discriminator as discriminator_module
+from conchshell.errors import ConfigError
+from conchshell.models.discriminator import MultiScaleDiscriminator
+from conchshell.utils.profile import count_macs, count_params
+
+PAPER_PARAMS = 9_212_358
+# latent frames -> exact conv MACs at batch 1 (latent [1, 64, T])
+EXACT_MACS = {1000: 2_733_464_064, 4000: 10_975_492_608, 16000: 43_949_188_608}
+# DESIGN.md / paper Table 1 to five digits (G-MACs), which also count the AvgPool outputs.
+PAPER_GMACS = {1000: 2.7335, 4000: 10.9757, 16000: 43.9501}
+# Per-scale score lengths for [1, 64, T]: T=1000 worked out by hand from the layer table.
+SCORE_LENGTHS = {1000: [248, 123, 61], 4000: [998, 498, 248], 16000: [3998, 1998, 998]}
+FEATURE_CHANNELS = [32, 128, 512, 1024, 1024, 512, 1]
+
+
+def _meta_macs(frames: int) -> tuple[int, list[list[torch.Tensor]]]:
+    with torch.device("meta"):
+        model = MultiScaleDiscriminator()
+        latent = torch.empty(1, 64, frames)
+    return count_macs(model, latent), model(latent)
+
+
+def test_param_count_matches_the_paper() -> None:
+    assert count_params(MultiScaleDiscriminator()) == PAPER_PARAMS
+
+
+def test_group_counts_are_four_input_channels_per_group() -> None:
+    scale = MultiScaleDiscriminator().scales[0]
+    assert [scale.layers[i][0].groups for i in range(1, 5)] == [8, 32, 128, 256]
+    assert scale.layers[5][0].kernel_size == (5,) and scale.layers[5][0].padding == (1,)
+
+
+@pytest.mark.parametrize("frames", list(EXACT_MACS))
+def test_macs_and_layout_at_paper_sizes(frames: int) -> None:
+    macs, outputs = _meta_macs(frames)
+    assert macs == EXACT_MACS[frames]
+    assert len(outputs) == 3 and all(len(scale) == 7 for scale in outputs)
+    assert [scale[-1].shape[-1] for scale in outputs] == SCORE_LENGTHS[frames]
+    assert [t.shape[1] for t in outputs[0]] == FEATURE_CHANNELS
+    # Table 1's five-digit figures = these conv MACs + one per AvgPool output over the three
+    # downsamplings the released forward runs (0.5 + 0.25 + 0.125 of the 64T samples).
+    assert round((macs + 0.875 * 64 * frames) / 1e9, 4) == PAPER_GMACS[frames]
+
+
+def test_docstring_states_the_measured_figures() -> None:
+    doc = discriminator_module.__doc__
+    assert f"{PAPER_PARAMS:,}" in doc
+    assert all(f"{macs:,}" in doc for macs in EXACT_MACS.values())
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("frames", list(EXACT_MACS))
+def test_full_size_on_cpu_matches_the_meta_count(frames: int) -> None:
+    torch.manual_seed(0)
+    model = MultiScaleDiscriminator().eval()
+    latent = torch.randn(1, 64, frames)
+    assert count_macs(model, latent) == EXACT_MACS[frames]
+    with torch.no_grad():
+        outputs = model(latent)
+    assert [scale[-1].shape[-1] for scale in outputs] == SCORE_LENGTHS[frames]
+
+
+def test_flattening_is_channel_major_and_free() -> None:
+    model = MultiScaleDiscriminator(width=0.0625)
+    latent = torch.randn(2, 64, 40)
+    seen = {}
+    model.scales[0].register_forward_pre_hook(lambda module, args: seen.setdefault("signal", args[0]))
+    model(latent)
+    signal = seen["signal"]
+    assert signal.shape == (2, 1, 64 * 40)
+    assert signal.data_ptr() == latent.data_ptr()  # a view, not a copy
+    torch.testing.assert_close(signal[1, 0, 40:80], latent[1, 1])  # channel 1 follows channel 0
+
+
+def test_scales_see_the_signal_at_halved_rates() -> None:
+    model = MultiScaleDiscriminator(width=0.0625)
+    latent = torch.randn(1, 64, 40)
+    inputs = []
+    for scale in model.scales:
+        scale.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    model(latent)
+    flat = latent.reshape(1, 1, -1)
+    once = torch.nn.functional.avg_pool1d(flat, 4, 2, 1, count_include_pad=False)
+    twice = torch.nn.functional.avg_pool1d(once, 4, 2, 1, count_include_pad=False)
+    for actual, expected in zip(inputs, (flat, once, twice)):
+        torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("width", [0.0625, 0.3, 0.5])
+def test_tiny_widths_build_run_and_train(width: float) -> None:
+    torch.manual_seed(0)
+    model = MultiScaleDiscriminator(width=width)
+    for scale in model.scales:
+        for layer in scale.layers[1:5]:
+            conv = layer[0]
+            assert conv.in_channels % conv.groups == 0 and conv.out_channels % conv.groups == 0
+    latent = torch.randn(2, 64, 48, requires_grad=True)
+    outputs = model(latent)
+    assert [scale[-1].shape for scale in outputs] == [
+        (2, 1, n) for n in model.score_lengths(64 * 48)
+    ]
+    sum(scale[-1].mean() for scale in outputs).backward()
+    assert latent.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("num_scales", [1, 2, 4])
+def test_number_of_scales(num_scales: int) -> None:
+    model = MultiScaleDiscriminator(num_scales=num_scales, latent_channels=8, width=0.0625)
+    outputs = model(torch.randn(1, 8, 1024))
+    assert len(outputs) == num_scales and all(len(scale) == 7 for scale in outputs)
+
+
+def test_too_short_latent_names_the_minimum() -> None:
+    model = MultiScaleDiscriminator(width=0.0625)
+    minimum = model.min_latent_length()
+    assert min(model.score_lengths(64 * minimum)) == 1
+    with pytest.raises(ConfigError, match=f"the minimum is {minimum} frames"):
+        model(torch.randn(1, 64, minimum - 1))
+    assert model(torch.randn(1, 64, minimum))[-1][-1].shape == (1, 1, 1)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ConfigError, match="num_scales"):
+        MultiScaleDiscriminator(num_scales=0)
+    with pytest.raises(ConfigError, match="width"):
+        MultiScaleDiscriminator(width=0.0)
+    with pytest.raises(ValueError, match=r"latent must be \[B, 64, T\]"):
+        MultiScaleDiscriminator(width=0.0625)(torch.randn(1, 32, 100))
