@@ -1,0 +1,99 @@
+"""The torch Dataset of (image, 8-second piece, class) items."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from conchshell.constants import CLIP_SECONDS, SAMPLE_RATE
+from conchshell.data.audio import center_crop_or_pad, load_audio, random_crop_or_pad, random_gain
+from conchshell.data.image import DEFAULT_MAX_PIXELS, load_image
+from conchshell.data.manifest import Record
+
+
+def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one item in one epoch.
+
+    Seeding from ``(seed, epoch, index)`` rather than from a per-worker stream makes each
+    item's crop and gain independent of worker count, rank, batch order and of what
+    was drawn before it, which is what lets a resumed run replay an epoch exactly.
+    """
+    return np.random.default_rng([seed, epoch, index])
+
+
+class ImageMusicDataset(Dataset):
+    """Image -> music pairs for training (random crop and gain) or validation (centre crop).
+
+    Each item is a dict:
+
+    - ``image``: float32 [3, 224, 224], normalised (see :mod:`conchshell.data.image`);
+    - ``audio``: float32 [1, clip_samples], mono, peak-normalised, then for training a
+      random gain in U(0.5, 1.0) and a random window; for validation the centre window
+      at gain 1; zero-padded at the end when the piece is shorter than the clip;
+    - ``class_id``: int64 scalar tensor;
+    - ``index``: the item's position in ``records``.
+
+    Call :meth:`set_epoch` at the start of every epoch (as with ``DistributedSampler``)
+    so training crops change from epoch to epoch. ``cache_audio`` keeps decoded pieces
+    in memory (one copy per DataLoader worker process); useful when many images share a
+    piece and resampling dominates, off by default to keep memory flat.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        clip_seconds: float = CLIP_SECONDS,
+        train: bool,
+        seed: int = 0,
+        cache_audio: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        gain_range: tuple[float, float] = (0.5, 1.0),
+    ) -> None:
+        if not records:
+            raise ValueError("ImageMusicDataset needs at least one record")
+        self.records = list(records)
+        self.sample_rate = int(sample_rate)
+        self.clip_samples = int(round(sample_rate * clip_seconds))
+        self.train = train
+        self.seed = int(seed)
+        self.epoch = 0
+        self.cache_audio = cache_audio
+        self.max_pixels = max_pixels
+        self.gain_range = gain_range
+        self._audio_cache: dict[str, np.ndarray] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops and gains the next items use."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        record = self.records[index]
+        image = load_image(record.image, max_pixels=self.max_pixels)
+        audio = self._audio(record)
+        if self.train:
+            rng = item_generator(self.seed, self.epoch, index)
+            clip = random_crop_or_pad(audio, self.clip_samples, rng)
+            clip = random_gain(clip, rng, *self.gain_range)
+        else:
+            clip = center_crop_or_pad(audio, self.clip_samples)
+        return {
+            "image": image,
+            "audio": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)).unsqueeze(0),
+            "class_id": torch.tensor(record.class_id, dtype=torch.int64),
+            "index": index,
+        }
+
+    def _audio(self, record: Record) -> np.ndarray:
+        if not self.cache_audio:
+            return load_audio(record.audio, self.sample_rate)
+        key = str(record.audio)
+        if key not in self._audio_cache:
+            self._audio_cache[key] = load_audio(record.audio, self.sample_rate)
+        return self._audio_cache[key]
