@@ -41,6 +41,8 @@ class ImageConfig:
     i3d_checkpoint: str | None = "I3D/I3D_models/rgb_imagenet.pt"
     # Used only when i3d_checkpoint is None: a frozen I3D rebuilt from this seed (demo model).
     i3d_seed: int = 1
+    # Used only when tcnn_checkpoint is None (smoke tests): TCNN weights from this seed.
+    tcnn_seed: int = 1
     # Class fed to the generator while training: "label" (ground truth) or "tcnn" (prediction).
     train_class_source: str = "label"
 
@@ -62,12 +64,17 @@ class CodecConfig:
     depth: int = 4
     multipliers: list[int] = field(default_factory=lambda: [2, 1, 1])
     dilation_growth_rate: int = 3
+    # Used only when checkpoint is None (smoke tests): codec weights from this seed.
+    seed: int = 1
 
 
 @dataclass
 class GeneratorConfig:
     width: float = 1.0  # scales every hidden channel count; 1.0 = the paper
     class_dim: int = 256
+    # Low/Deep only: length of the 1-channel signal the input Linear makes (paper: 4096).
+    # Smaller values make tiny test generators; None = the paper.
+    signal_length: int | None = None
 
 
 @dataclass

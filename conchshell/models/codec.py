@@ -1,0 +1,74 @@
+"""The frozen audio codec as the rest of the pipeline sees it: one VQ-VAE level at the data rate.
+
+The paper feeds 16 kHz audio straight into the 44.1 kHz Jukebox codec. ``resample=True``
+instead converts to the codec's own rate before encoding and back after decoding, with a
+differentiable resampler so wave/mel losses still reach the generator.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from conchshell.models.vqvae import VQVAE
+from conchshell.nn.resample import Resample
+
+
+class AudioCodec(nn.Module):
+    """``vqvae`` restricted to ``level``, speaking audio at ``audio_rate``."""
+
+    def __init__(self, vqvae: VQVAE, level: int, audio_rate: int, resample: bool) -> None:
+        super().__init__()
+        self.vqvae = vqvae
+        self.level = level
+        self.audio_rate = audio_rate
+        codec_rate = vqvae.sample_rate if resample else audio_rate
+        self.to_codec = Resample(audio_rate, codec_rate) if codec_rate != audio_rate else nn.Identity()
+        self.from_codec = Resample(codec_rate, audio_rate) if codec_rate != audio_rate else nn.Identity()
+        self.codec_rate = codec_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.vqvae.hop_lengths[self.level]
+
+    @property
+    def emb_width(self) -> int:
+        return self.vqvae.emb_width
+
+    def encode(self, audio: Tensor) -> Tensor:
+        """Audio [B,1,T] at ``audio_rate`` -> continuous latent [B,emb,T'] of this level."""
+        return self.vqvae.encode(self.to_codec(audio), self.level)
+
+    def quantize(self, latent: Tensor) -> Tensor:
+        return self.vqvae.quantize(latent, self.level)
+
+    def quantize_straight_through(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        return self.vqvae.quantize_straight_through(latent, self.level)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        return self.vqvae.dequantize(codes, self.level)
+
+    def decode_latent(self, latent: Tensor, num_samples: int | None = None) -> Tensor:
+        """Latent -> audio [B,1,T] at ``audio_rate`` (differentiable), trimmed to ``num_samples``."""
+        audio = self.from_codec(self.vqvae.decode_latent(latent, self.level))
+        return audio[..., :num_samples] if num_samples is not None else audio
+
+    def decode(self, codes: Tensor, num_samples: int | None = None) -> Tensor:
+        return self.decode_latent(self.dequantize(codes), num_samples)
+
+    def train(self, mode: bool = True) -> "AudioCodec":
+        # The codec is frozen in every stage that uses this wrapper.
+        return super().train(False)
+
+
+def quantized_audio(codec: AudioCodec, latent: Tensor, num_samples: int, straight_through: bool) -> Tensor:
+    """Audio of the nearest-codebook version of ``latent``.
+
+    straight_through=True: gradients pass the quantiser and the frozen decoder back to
+    ``latent`` (what trains the generator). False reproduces the released code, which
+    decoded argmin codes under no_grad, so its wave and mel losses trained nothing.
+    """
+    if straight_through:
+        quantized, _ = codec.quantize_straight_through(latent)
+        return codec.decode_latent(quantized, num_samples)
+    with torch.no_grad():
+        return codec.decode(codec.quantize(latent), num_samples)
