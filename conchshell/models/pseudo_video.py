@@ -15,9 +15,11 @@ Two channel groupings are offered:
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from conchshell.errors import ConfigError
 from conchshell.models.tcnn import TCNN
@@ -112,10 +114,29 @@ def build_pseudo_video(features: Sequence[torch.Tensor], frames_per_block: int,
 def image_to_pseudo_video(tcnn: TCNN, images: torch.Tensor, grouping: str = "even") -> torch.Tensor:
     """Run ``tcnn``'s time features on normalised images [B,3,H,W] and build the clip.
 
-    Each block is reduced to its frame as soon as it is computed, so at most two blocks
-    are alive at once (the previous conv's output and the current one) rather than all
-    of them; gradients flow if the caller has them enabled.
+    Equal to ``build_pseudo_video(tcnn.time_features(images), ...)``, computed faster:
+    each block is reduced to its frame as soon as it exists (at most two blocks alive), and
+    the last conv is never run in full. Its output is only ever averaged into three
+    channel groups, and averaging commutes with a conv, so three group-averaged filters
+    give the frame directly (TCNN-6: 3 instead of 128 output channels at 224x224, a third
+    of the time-feature MACs).
     """
     check_grouping(grouping)
-    frames = (block_to_frame(block, grouping) for block in tcnn.iter_time_features(images))
-    return _assemble(frames, len(tcnn.convs), tcnn.frames_per_block)
+    return _assemble(_frames(tcnn, images, grouping), len(tcnn.convs), tcnn.frames_per_block)
+
+
+def _frames(tcnn: TCNN, images: torch.Tensor, grouping: str) -> Iterator[torch.Tensor]:
+    *body, last = tcnn.convs
+    block = images
+    for conv in body:
+        block = conv(block)
+        yield block_to_frame(block, grouping)
+    yield _group_averaged_conv(last, block, grouping)
+
+
+def _group_averaged_conv(conv: nn.Conv2d, x: torch.Tensor, grouping: str) -> torch.Tensor:
+    """``block_to_frame(conv(x))`` with one 3-filter conv instead of ``conv``'s full width."""
+    groups = channel_groups(conv.out_channels, grouping)
+    weight = torch.stack([conv.weight[start:stop].mean(dim=0) for start, stop in groups])
+    bias = None if conv.bias is None else torch.stack([conv.bias[start:stop].mean() for start, stop in groups])
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
