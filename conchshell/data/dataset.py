@@ -1,7 +1,7 @@
 """The torch Dataset of (image, 8-second piece, class) items."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,9 @@ from conchshell.constants import CLIP_SECONDS, SAMPLE_RATE
 from conchshell.data.audio import center_crop_or_pad, load_audio, random_crop_or_pad, random_gain
 from conchshell.data.image import DEFAULT_MAX_PIXELS, load_image
 from conchshell.data.manifest import Record
+
+if TYPE_CHECKING:  # only for the annotation: the dataset works with any object that has get()
+    from conchshell.data.feature_cache import FeatureCache
 
 
 def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -33,7 +36,12 @@ class ImageMusicDataset(Dataset):
       random gain in U(0.5, 1.0) and a random window; for validation the centre window
       at gain 1; zero-padded at the end when the piece is shorter than the clip;
     - ``class_id``: int64 scalar tensor;
-    - ``index``: the item's position in ``records``.
+    - ``index``: the item's position in ``records``;
+    - ``features`` (float32 [2048]) and ``pred_class`` (int64 scalar): the frozen frontend's
+      outputs for the image, only when ``feature_cache`` is given and holds the image
+      (see :mod:`conchshell.data.feature_cache`); an item without them must have its
+      features computed on the fly. Batch such items with
+      :func:`~conchshell.data.feature_cache.collate_cached`.
 
     Call :meth:`set_epoch` at the start of every epoch (as with ``DistributedSampler``)
     so training crops change from epoch to epoch. ``cache_audio`` keeps decoded pieces
@@ -52,6 +60,7 @@ class ImageMusicDataset(Dataset):
         cache_audio: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         gain_range: tuple[float, float] = (0.5, 1.0),
+        feature_cache: "FeatureCache | None" = None,
     ) -> None:
         if not records:
             raise ValueError("ImageMusicDataset needs at least one record")
@@ -65,6 +74,7 @@ class ImageMusicDataset(Dataset):
         self.max_pixels = max_pixels
         self.gain_range = gain_range
         self._audio_cache: dict[str, np.ndarray] = {}
+        self.feature_cache = feature_cache
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random crops and gains the next items use."""
@@ -83,12 +93,17 @@ class ImageMusicDataset(Dataset):
             clip = random_gain(clip, rng, *self.gain_range)
         else:
             clip = center_crop_or_pad(audio, self.clip_samples)
-        return {
+        item = {
             "image": image,
             "audio": torch.from_numpy(np.ascontiguousarray(clip, dtype=np.float32)).unsqueeze(0),
             "class_id": torch.tensor(record.class_id, dtype=torch.int64),
             "index": index,
         }
+        if self.feature_cache is not None:
+            cached = self.feature_cache.get(record.image)
+            if cached is not None:
+                item["features"], item["pred_class"] = cached
+        return item
 
     def _audio(self, record: Record) -> np.ndarray:
         if not self.cache_audio:
