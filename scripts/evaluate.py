@@ -1,0 +1,475 @@
+"""Score generated music against references: PESQ, STOI, spectral distances, class consistency.
+
+    python scripts/evaluate.py --generated DIR --reference DIR [--out DIR]
+        [--checkpoint G.pt] [--data MANIFEST | --labels CSV] [--classifier PATH]
+    python scripts/evaluate.py --checkpoint G.pt --data MANIFEST [--split val] [--limit N] [--out DIR]
+
+Directory mode pairs ``--generated`` and ``--reference`` files by file name (.wav/.flac).
+Checkpoint mode first generates one clip per image of the manifest's split (the image's
+paired piece, centre window, peak-normalised, is the reference), writes them to
+``OUT/generated``, ``OUT/reference`` and ``OUT/codec`` plus ``OUT/labels.csv``, then scores
+those files exactly as directory mode would, so ``--generated OUT/generated --reference
+OUT/reference --labels OUT/labels.csv`` reproduces the numbers.
+
+All audio is read as stored (no normalisation), mixed to mono, resampled to 16 kHz when
+needed (soxr HQ) and trimmed to the shorter of each pair. Scores (see
+conchshell.evaluation.metrics): wide-band PESQ and STOI, as in the paper's Table 2;
+log-mel L1 and multi-resolution STFT distance; with a checkpoint, the same scores for
+codec(reference) vs reference, the ceiling the generator can reach through its codec;
+class consistency: an audio classifier trained on the reference clips of the manifest's
+train split (or ``--classifier``) predicts each clip's class, compared with the image's
+class (``--labels`` CSV ``name,class``, or the manifest) and with chance (1/6). Without
+labels the target is the classifier's prediction for the reference clip (agreement).
+
+PESQ cannot score clips it finds no "utterance" in (often music or silence): such items
+are counted and listed, never crash the run and never enter the mean; the table shows
+valid/total. Writes OUT/metrics.json, OUT/metrics.csv (one row per system and metric)
+and OUT/items.csv (per item). Exit status 1 when some item could not be read or
+generated (the report is still written), 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from conchshell.constants import CLASS_NAMES, CLIP_SECONDS  # noqa: E402
+from conchshell.errors import ConchShellError, DataError  # noqa: E402
+
+EVAL_RATE = 16_000
+AUDIO_SUFFIXES = (".wav", ".flac")
+METRICS = ("pesq", "stoi", "mel_l1", "mrstft")
+METRIC_TITLES = {"pesq": "PESQ", "stoi": "STOI", "mel_l1": "mel L1", "mrstft": "MR-STFT"}
+
+
+@dataclass
+class EvalItem:
+    name: str
+    reference: Path
+    generated: Path
+    codec: Path | None = None
+    target: int | None = None  # class id the clip should sound like, when known
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def read_clip(path: Path, sample_rate: int = EVAL_RATE) -> np.ndarray:
+    """A file as stored: mono (channel mean) float32 at ``sample_rate``; no level change."""
+    import soundfile as sf
+
+    from conchshell.evaluation.metrics import resample
+
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile reports every decoding problem as its own error type
+        raise DataError(f"cannot read audio {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from exc
+    if data.shape[0] == 0:
+        raise DataError(f"audio {path} holds no samples")
+    if not np.isfinite(data).all():
+        raise DataError(f"audio {path} contains NaN or infinite samples")
+    mono = data.mean(axis=1, dtype=np.float32)
+    return resample(mono, rate, sample_rate).astype(np.float32, copy=False)
+
+
+def pair_directories(generated: Path, reference: Path) -> tuple[list[EvalItem], list[str], list[str]]:
+    """Items present in both folders (by file name), and the names found on one side only."""
+    for folder, what in ((generated, "--generated"), (reference, "--reference")):
+        if not folder.is_dir():
+            raise DataError(f"{what} folder not found: {folder}")
+
+    def listing(folder: Path) -> dict[str, Path]:
+        return {p.name: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES}
+
+    gen, ref = listing(generated), listing(reference)
+    names = sorted(set(gen) & set(ref))
+    if not names:
+        raise DataError(f"no file name is in both {generated} and {reference} ({', '.join(AUDIO_SUFFIXES)} files)")
+    items = [EvalItem(name, ref[name], gen[name]) for name in names]
+    return items, sorted(set(gen) - set(ref)), sorted(set(ref) - set(gen))
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """``name,class`` CSV -> {file name or stem: class id}."""
+    from conchshell.data.manifest import parse_class
+
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}")
+    labels: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"name", "class"} <= set(reader.fieldnames):
+            raise DataError(f"{path}: expected a CSV with the columns name,class")
+        for row_number, row in enumerate(reader, start=2):
+            class_id = parse_class(row["class"])
+            if class_id is None:
+                raise DataError(f"{path}: unknown class {row['class']!r} (row {row_number}); "
+                                f"expected one of {', '.join(CLASS_NAMES)}")
+            labels[row["name"]] = class_id
+    return labels
+
+
+def manifest_labels(records: list) -> dict[str, int]:
+    """{image stem: class} from manifest records (inference.py names a wav after its image)."""
+    return {record.image.stem: record.class_id for record in records}
+
+
+def attach_targets(items: list[EvalItem], labels: dict[str, int]) -> int:
+    """Give each item its class from ``labels`` (by file name, then stem); returns how many got one."""
+    found = 0
+    for item in items:
+        stem = Path(item.name).stem
+        item.target = labels.get(item.name, labels.get(stem))
+        found += item.target is not None
+    return found
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def classifier_from_manifest(records: list, clip_seconds: float, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Train the class-consistency classifier on the train split's reference pieces and save it."""
+    from conchshell.data.audio import load_audio
+    from conchshell.data.manifest import select_split
+    from conchshell.evaluation import fit_audio_classifier, reference_windows, save_audio_classifier
+
+    clip_samples = round(clip_seconds * EVAL_RATE)
+    pieces: dict[Path, int] = {}
+    for record in select_split(records, "train"):
+        pieces.setdefault(record.audio, record.class_id)  # many images share one piece
+    if not pieces:
+        raise DataError("the manifest has no train split to train the audio classifier on")
+    clips, labels = [], []
+    for audio_path, class_id in sorted(pieces.items()):
+        for window in reference_windows(load_audio(audio_path, EVAL_RATE), clip_samples):
+            clips.append(window)
+            labels.append(class_id)
+    model, accuracy = fit_audio_classifier(np.stack(clips), labels)
+    path = save_audio_classifier(model, out_dir / "audio_classifier.pt", accuracy, len(clips))
+    return model, {"path": str(path), "trained_on": "manifest train split", "num_train_clips": len(clips),
+                   "num_train_pieces": len(pieces), "train_accuracy": accuracy}
+
+
+def load_classifier(path: Path) -> tuple[Any, dict[str, Any]]:
+    from conchshell.evaluation import load_audio_classifier
+    from conchshell.utils.checkpoint import read_weights
+
+    model = load_audio_classifier(path)
+    data = read_weights(path)
+    return model, {"path": str(path), "trained_on": "given", "train_accuracy": data.get("train_accuracy"),
+                   "num_train_clips": data.get("num_train_clips")}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_clips(model: Any, records: list, out_dir: Path, class_source: str) -> tuple[list[EvalItem], list[dict]]:
+    """Generate, and write generated/reference/codec wavs and labels.csv under ``out_dir``."""
+    from tqdm import tqdm
+
+    from conchshell.data.audio import center_crop_or_pad, load_audio
+    from conchshell.inference import ensure_writable_dir, write_wav
+
+    folders = {kind: ensure_writable_dir(out_dir / kind) for kind in ("generated", "reference", "codec")}
+    items: list[EvalItem] = []
+    errors: list[dict] = []
+    label_rows = []
+    for index, record in enumerate(tqdm(records, unit="clip", dynamic_ncols=True, desc="generating")):
+        name = f"{index:05d}_{record.image.stem}.wav"
+        try:
+            result = model.run(record.image, class_override=record.class_id if class_source == "label" else None)
+            reference = center_crop_or_pad(load_audio(record.audio, model.sample_rate), model.clip_samples)
+            write_wav(folders["generated"] / name, result.waveform, model.sample_rate)
+            write_wav(folders["reference"] / name, reference, model.sample_rate)
+            write_wav(folders["codec"] / name, model.reconstruct(reference), model.sample_rate)
+        except ConchShellError as exc:
+            errors.append({"item": str(record.image), "error": str(exc)})
+            continue
+        label_rows.append((name, CLASS_NAMES[record.class_id], CLASS_NAMES[result.predicted_class_id]))
+        items.append(EvalItem(name, folders["reference"] / name, folders["generated"] / name,
+                              folders["codec"] / name, record.class_id))
+    with open(out_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("name", "class", "tcnn_prediction"))
+        writer.writerows(label_rows)
+    return items, errors
+
+
+def codec_reconstructions(model: Any, items: list[EvalItem], out_dir: Path) -> list[dict]:
+    """Write codec(reference) for directory mode under ``out_dir/codec``."""
+    from conchshell.inference import ensure_writable_dir, write_wav
+
+    folder = ensure_writable_dir(out_dir / "codec")
+    errors = []
+    for item in items:
+        try:
+            reference = read_clip(item.reference, model.sample_rate)
+            item.codec = write_wav(folder / item.name, model.reconstruct(reference), model.sample_rate)
+        except ConchShellError as exc:
+            errors.append({"item": item.name, "error": str(exc)})
+    return errors
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class SystemScores:
+    """The four signal metrics for one system (generated, or codec ceiling) against references."""
+
+    def __init__(self) -> None:
+        from conchshell.evaluation import PESQ, STOI, MelDistance, MultiResolutionSTFT
+
+        self.metrics = {"pesq": PESQ(), "stoi": STOI(), "mel_l1": MelDistance(EVAL_RATE),
+                        "mrstft": MultiResolutionSTFT()}
+
+    def update(self, name: str, reference: np.ndarray, estimate: np.ndarray) -> dict[str, float | None]:
+        row: dict[str, Any] = {}
+        for key, metric in self.metrics.items():
+            if key in ("pesq", "stoi"):
+                row[key] = metric.update(reference, estimate, EVAL_RATE, item=name)
+            else:
+                row[key] = metric.update(reference, estimate, item=name)
+        pesq_failures = self.metrics["pesq"].failures
+        row["pesq_error"] = pesq_failures[-1][1] if pesq_failures and pesq_failures[-1][0] == name else ""
+        return row
+
+    def compute(self) -> dict[str, dict[str, Any]]:
+        return {key: metric.compute() for key, metric in self.metrics.items()}
+
+    def failures(self) -> dict[str, list[list[str]]]:
+        return {key: [list(f) for f in metric.failures] for key, metric in self.metrics.items() if metric.failures}
+
+
+def score_items(items: list[EvalItem], classifier: Any | None) -> tuple[dict[str, Any], list[dict], list[dict]]:
+    """Score every item; returns (summary per system, per-item rows, items that could not be read)."""
+    from tqdm import tqdm
+
+    from conchshell.evaluation import ClassConsistency
+
+    with_codec = any(item.codec is not None for item in items)
+    systems = {"generated": SystemScores()}
+    if with_codec:
+        systems["codec_ceiling"] = SystemScores()
+    consistency = {name: ClassConsistency() for name in ("generated", "codec_ceiling", "reference")}
+    use_labels = any(item.target is not None for item in items)
+    rows, errors = [], []
+    for item in tqdm(items, unit="clip", dynamic_ncols=True, desc="scoring"):
+        try:
+            reference = read_clip(item.reference)
+            clips = {"generated": read_clip(item.generated)}
+            if with_codec and item.codec is not None:
+                clips["codec_ceiling"] = read_clip(item.codec)
+        except ConchShellError as exc:
+            errors.append({"item": item.name, "error": str(exc)})
+            continue
+        row: dict[str, Any] = {"name": item.name}
+        for system, clip in clips.items():
+            for key, value in systems[system].update(item.name, reference, clip).items():
+                row[key if system == "generated" else f"ceiling_{key}"] = value
+        if classifier is not None:
+            predictions = {kind: int(classifier.predict(clip.reshape(1, -1))[0])
+                           for kind, clip in {**clips, "reference": reference}.items()}
+            target = item.target if use_labels else predictions["reference"]
+            if target is not None:
+                for kind, predicted in predictions.items():
+                    consistency[kind].update([predicted], [target])
+                row["class_target"] = CLASS_NAMES[target]
+            row.update({f"class_{kind}": CLASS_NAMES[p] for kind, p in predictions.items()})
+        rows.append(row)
+    summary: dict[str, Any] = {system: scores.compute() for system, scores in systems.items()}
+    if classifier is not None:
+        for kind, metric in consistency.items():
+            if kind in summary or kind == "reference":
+                summary.setdefault(kind, {})["class_consistency"] = metric.compute()
+    failures = {system: scores.failures() for system, scores in systems.items()}
+    return {"systems": summary, "failures": failures,
+            "class_target": None if classifier is None else ("label" if use_labels else "reference_prediction")
+            }, rows, errors
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _cell(result: dict[str, Any] | None, digits: int, counts: bool) -> str:
+    if not result:
+        return "-"
+    mean = result.get("mean", result.get("accuracy"))
+    text = "n/a" if mean is None else f"{mean:.{digits}f}"
+    if counts:
+        valid = result.get("n_valid", result.get("n_correct"))
+        text += f" ({valid}/{result['n_total']})"
+    return text
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table in the spirit of the paper's Table 2, one row per system."""
+    header = ["system", "PESQ (valid/n)", "STOI (valid/n)", "mel L1", "MR-STFT", "class acc (correct/n)"]
+    lines = []
+    titles = {"generated": "generated", "codec_ceiling": "codec ceiling", "reference": "reference"}
+    for system, scores in report["systems"].items():
+        lines.append([titles.get(system, system), _cell(scores.get("pesq"), 3, True), _cell(scores.get("stoi"), 3, True),
+                      _cell(scores.get("mel_l1"), 3, False), _cell(scores.get("mrstft"), 3, False),
+                      _cell(scores.get("class_consistency"), 3, True)])
+    widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    notes = []
+    pesq = report["systems"]["generated"]["pesq"]
+    if pesq["n_failed"]:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in pesq["failure_reasons"].items())
+        notes.append(f"PESQ could not score {pesq['n_failed']} of {pesq['n_total']} generated clips ({reasons}); "
+                     "they are not in the mean")
+    if report.get("class_target"):
+        target = "the image's class" if report["class_target"] == "label" else "the reference clip's predicted class"
+        notes.append(f"class acc: audio classifier's prediction vs {target}; chance = {1 / len(CLASS_NAMES):.3f}")
+    return "\n".join(text + notes)
+
+
+def write_reports(out_dir: Path, report: dict[str, Any], rows: list[dict]) -> list[Path]:
+    """metrics.json (everything), metrics.csv (summary rows) and items.csv (per item)."""
+    from conchshell.inference import atomic_output
+
+    def clean(value: Any) -> Any:  # JSON has no NaN/inf
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    paths = [out_dir / "metrics.json", out_dir / "metrics.csv", out_dir / "items.csv"]
+    with atomic_output(paths[0]) as temp:
+        temp.write_text(json.dumps(clean(report), indent=2) + "\n", encoding="utf-8")
+    with atomic_output(paths[1]) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("system", "metric", "mean", "std", "n_valid", "n_total", "n_failed"))
+        for system, scores in report["systems"].items():
+            for key in METRICS:
+                if key in scores:
+                    r = scores[key]
+                    writer.writerow((system, key, r["mean"], r["std"], r["n_valid"], r["n_total"], r["n_failed"]))
+            if "class_consistency" in scores:
+                r = scores["class_consistency"]
+                writer.writerow((system, "class_accuracy", r["accuracy"], "", r["n_correct"], r["n_total"], ""))
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    with atomic_output(paths[2]) as temp, open(temp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns or ["name"], restval="")
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    return paths
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("--generated", type=Path, help="folder of generated clips (directory mode)")
+    parser.add_argument("--reference", type=Path, help="folder of reference clips with the same file names")
+    parser.add_argument("--checkpoint", type=Path, help="generator export: generates (with --data), "
+                        "and gives the codec for the reconstruction ceiling")
+    parser.add_argument("--data", type=Path, help="dataset manifest (CSV or Label.xlsx)")
+    parser.add_argument("--split", choices=("train", "val"), default="val", help="split to generate for (default val)")
+    parser.add_argument("--limit", type=int, help="score only the first N items of the split")
+    parser.add_argument("--labels", type=Path, help="directory mode: CSV name,class giving each clip's image class")
+    parser.add_argument("--classifier", type=Path, help="audio classifier file (default: train one on --data's train split)")
+    parser.add_argument("--class-source", choices=("tcnn", "label"), default="tcnn",
+                        help="checkpoint mode: condition on the TCNN's prediction (as inference does) or the label")
+    parser.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default eval/)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (checkpoint mode)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    directory_mode = args.generated is not None or args.reference is not None
+    if directory_mode and (args.generated is None or args.reference is None):
+        parser.error("directory mode needs both --generated and --reference")
+    if not directory_mode and (args.checkpoint is None or args.data is None):
+        parser.error("give --generated and --reference, or --checkpoint and --data")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> int:
+    from conchshell.data.manifest import read_manifest, select_split
+    from conchshell.inference import ImageToMusic, ensure_writable_dir, seed_all
+
+    out_dir = ensure_writable_dir(args.out)
+    seed_all(args.seed)
+    directory_mode = args.generated is not None
+    model = None
+    if args.checkpoint is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the seeded smoke-test codec's notice
+            model = ImageToMusic.from_checkpoint(args.checkpoint, device=args.device)
+    records = read_manifest(args.data, seed=model.config.data.split_seed if model else 0) if args.data else None
+
+    report: dict[str, Any] = {"mode": "directories" if directory_mode else "checkpoint", "sample_rate": EVAL_RATE,
+                              "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                              "data": str(args.data) if args.data else None}
+    errors: list[dict] = []
+    if directory_mode:
+        items, only_generated, only_reference = pair_directories(args.generated, args.reference)
+        report.update(generated_dir=str(args.generated), reference_dir=str(args.reference),
+                      unpaired={"generated_only": only_generated, "reference_only": only_reference})
+        labels = read_labels(args.labels) if args.labels else (manifest_labels(records) if records else {})
+        report["n_labelled"] = attach_targets(items, labels)
+        if model is not None:
+            errors += codec_reconstructions(model, items, out_dir)
+    else:
+        split_records = select_split(records, args.split)[: args.limit]
+        if not split_records:
+            raise DataError(f"{args.data} has no {args.split} items")
+        report.update(split=args.split, class_source=args.class_source)
+        items, errors = generate_clips(model, split_records, out_dir, args.class_source)
+
+    classifier, classifier_info = None, None
+    if args.classifier is not None:
+        classifier, classifier_info = load_classifier(args.classifier)
+    elif records is not None:
+        clip_seconds = model.config.data.clip_seconds if model else CLIP_SECONDS
+        classifier, classifier_info = classifier_from_manifest(records, clip_seconds, out_dir)
+    report["classifier"] = classifier_info
+
+    scores, rows, read_errors = score_items(items, classifier)
+    errors += read_errors
+    report.update(scores, n_items=len(rows), errors=errors)
+    paths = write_reports(out_dir, report, rows)
+    print(format_table(report))
+    if classifier is None:
+        print("class consistency: skipped (give --data MANIFEST to train the audio classifier, or --classifier)")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    if errors:
+        print(f"error: {len(errors)} item(s) could not be evaluated:", file=sys.stderr)
+        for error in errors:
+            print(f"  {error['item']}: {error['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ConchShellError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""inference.py and conchshell.ImageToMusic on a tiny generator export.
+
+The tiny config runs the real pipeline (TCNN -> pseudo-video -> I3D -> generator -> codec)
+with seeded stand-ins for the frozen networks and 0.5 s clips, so every check here
+exercises the same code as the paper's model. Bad-input cases fail before any network is
+built, so they cost milliseconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+import conchshell
+from conchshell.config import load_config
+from conchshell.constants import CLASS_NAMES
+from conchshell.errors import CheckpointError, ConchShellError
+from conchshell.export import save_generator_export
+from conchshell.inference import ImageToMusic, join_with_crossfade, write_wav
+from conchshell.models.factory import build_generator_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("inference_cli", ROOT / "inference.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return load_config(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny_config) -> Path:
+    path = tmp_path_factory.mktemp("export") / "G-step=3.pt"
+    save_generator_export(path, build_generator_from_config(tiny_config), tiny_config, step=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(export) -> ImageToMusic:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # seeded-codec notice of the tiny config
+        return ImageToMusic.from_checkpoint(export, device="cpu")
+
+
+def make_image(path: Path, color=(30, 120, 200), size=(64, 48)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+@pytest.fixture
+def preloaded(model, monkeypatch):
+    """Let the CLI reuse the module's loaded model (loading is covered by the single-image test)."""
+    monkeypatch.setattr(ImageToMusic, "from_checkpoint", classmethod(lambda cls, path, device=None: model))
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int, str]:
+    info = sf.info(str(path))
+    data, rate = sf.read(str(path), dtype="float32")
+    return data, rate, info.subtype
+
+
+# ----------------------------------------------------------------------------- Python API
+
+
+def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path):
+    assert conchshell.ImageToMusic is ImageToMusic
+    image = make_image(tmp_path / "sea.png")
+    waveform, rate = model.generate(image)
+    assert rate == tiny_config.data.sample_rate == 16000
+    assert waveform.dtype == np.float32 and waveform.shape == (tiny_config.clip_samples,)
+    assert np.all(np.abs(waveform) <= 1.0) and np.abs(waveform).max() > 0
+    # A PIL image in memory is prepared exactly as its file: one preprocessing path.
+    with Image.open(image) as pil:
+        assert model.prepare(pil.copy()).equal(model.prepare(image))
+
+
+def test_class_override_reaches_generator_and_prediction_is_kept(model, tmp_path):
+    image = make_image(tmp_path / "sea.jpg")
+    given = []
+    hook = model.generator.register_forward_hook(lambda module, args, out: given.append(args[1].tolist()))
+    try:
+        forced = model.run(image, class_override="deep")
+    finally:
+        hook.remove()
+    # (The untrained tiny generator barely depends on its class, so the check is on its input.)
+    assert given == [[CLASS_NAMES.index("deep")]] and forced.class_name == "deep"
+    assert 0 <= forced.predicted_class_id < len(CLASS_NAMES)
+    with pytest.raises(ConchShellError, match="unknown class"):
+        model.run(image, class_override="lagoon")
+
+
+def test_missing_frozen_network_names_file_and_remedy(tmp_path, tiny_config):
+    config = dataclasses.replace(tiny_config, image=dataclasses.replace(tiny_config.image,
+                                                                        tcnn_checkpoint="nowhere/TCNN-best.pt"))
+    path = save_generator_export(tmp_path / "G.pt", build_generator_from_config(config), config, step=1)
+    with pytest.raises(CheckpointError, match=r"nowhere/TCNN-best\.pt.*train\.stage=tcnn"):
+        ImageToMusic.from_checkpoint(path, device="cpu")
+    code = cli.main(["--img_path", str(make_image(tmp_path / "a.png")), "--checkpoint", str(path),
+                     "--out", str(tmp_path / "a.wav")])
+    assert code == 1 and not (tmp_path / "a.wav").exists()
+
+
+# ----------------------------------------------------------------------------- CLI, good input
+
+
+def test_cli_single_image_writes_16bit_mono_wav(export, tiny_config, tmp_path, capsys):
+    image = make_image(tmp_path / "beach.jpg")
+    out = tmp_path / "out" / "beach.wav"
+    assert cli.main(["--img_path", str(image), "--checkpoint", str(export), "--out", str(out),
+                     "--device", "cpu", "--seed", "3"]) == 0
+    data, rate, subtype = read_wav(out)
+    assert rate == tiny_config.data.sample_rate and data.shape == (tiny_config.clip_samples,)
+    assert subtype == "PCM_16"
+    printed = capsys.readouterr().out
+    assert "class:" in printed and "(predicted)" in printed and " s" in printed
+    assert [p.name for p in out.parent.iterdir()] == ["beach.wav"]  # no temp files left behind
+
+
+def test_cli_soundtrack_joins_pieces_with_crossfade(export, tiny_config, tmp_path, preloaded):
+    first, second = make_image(tmp_path / "img2.png"), make_image(tmp_path / "img10.png", (200, 180, 60))
+    track = tmp_path / "show.wav"
+    code = cli.main(["--img_path", str(first), str(second), "--checkpoint", str(export), "--out",
+                     str(tmp_path / "pieces"), "--soundtrack", str(track), "--spectrogram", "--class", "deep"])
+    assert code == 0
+    clip = tiny_config.clip_samples
+    overlap = min(int(0.5 * tiny_config.data.sample_rate), clip // 2)
+    data, rate, _ = read_wav(track)
+    assert data.shape == (2 * clip - overlap,) and rate == 16000
+    for name in ("img2", "img10"):
+        assert read_wav(tmp_path / "pieces" / f"{name}.wav")[0].shape == (clip,)
+        assert (tmp_path / "pieces" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert track.with_suffix(".png").is_file()
+
+
+def test_folder_mode_keeps_good_images_and_lists_bad_ones(export, tmp_path, capsys, preloaded):
+    folder = tmp_path / "photos"
+    make_image(folder / "good.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "wavs"
+    code = cli.main(["--img_path", str(folder), "--checkpoint", str(export), "--out", str(out),
+                     "--soundtrack", str(tmp_path / "track.wav")])
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.wav"]
+    err = capsys.readouterr().err
+    assert "1 of 2 input(s) failed" in err and "broken.jpg" in err
+    assert not (tmp_path / "track.wav").exists()  # a soundtrack with a hole is not written
+
+
+# ----------------------------------------------------------------------------- CLI, bad input
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    make_image(path, size=(200, 150))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _bomb_png(path: Path) -> Path:
+    # 9000 x 8000 = 72 MP, above the 67 MP limit; a 1-bit image keeps the file small.
+    Image.new("1", (9000, 8000)).save(path)
+    return path
+
+
+BAD_INPUTS = {
+    "missing path": (lambda d: d / "nope.jpg", "image file not found"),
+    "folder without images": (lambda d: (d / "empty").mkdir() or d / "empty", "contains no images"),
+    "not an image": (lambda d: (d / "x.jpg").write_text("hello") and d / "x.jpg", "not an image"),
+    "truncated image": (lambda d: _truncated_jpeg(d / "cut.jpg"), "(?i)truncated"),
+    "decompression bomb": (lambda d: _bomb_png(d / "huge.png"), "decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_error_line_and_no_wav(case, export, tmp_path, capsys):
+    make_input, message = BAD_INPUTS[case]
+    image = make_input(tmp_path)
+    out = tmp_path / "out.wav"
+    assert cli.main(["--img_path", str(image), "--checkpoint", str(export), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and re.search(message, err[0])
+    assert not out.exists()
+
+
+def test_unwritable_output_fails_before_generating(export, tmp_path, capsys):
+    image = make_image(tmp_path / "a.png")
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert cli.main(["--img_path", str(image), "--checkpoint", str(export), "--out", str(blocker / "a.wav")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write to output folder") and "class:" not in err
+
+
+def test_missing_checkpoint_and_real_exit_status(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--img_path", str(image),
+                             "--checkpoint", str(tmp_path / "G-missing.pt"), "--out", str(tmp_path / "a.wav")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: ") and "G-missing.pt" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "a.wav").exists()
+
+
+# ----------------------------------------------------------------------------- output helpers
+
+
+def test_equal_power_crossfade_weights():
+    rate, n = 1000, 2000
+    ones, zeros = np.ones(n, np.float32), np.zeros(n, np.float32)
+    out_curve = join_with_crossfade([ones, zeros], rate, 0.5)[1500:2000]
+    in_curve = join_with_crossfade([zeros, ones], rate, 0.5)[1500:2000]
+    assert join_with_crossfade([ones, zeros, ones], rate, 0.5).shape == (3 * n - 2 * 500,)
+    np.testing.assert_allclose(out_curve ** 2 + in_curve ** 2, 1.0, atol=1e-6)
+    assert out_curve[0] > 0.99 and out_curve[-1] < 0.01 and np.all(np.diff(out_curve) < 0)
+    # The overlap never exceeds half the shortest piece.
+    assert join_with_crossfade([ones[:100], ones[:100]], rate, 0.5).shape == (150,)
+
+
+def test_wav_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "x.wav"
+
+    def failing_write(path, *args, **kwargs):
+        Path(path).write_bytes(b"RIFF half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sf, "write", failing_write)
+    with pytest.raises(ConchShellError, match="No space left"):
+        write_wav(target, np.zeros(16), 16000)
+    assert list(tmp_path.iterdir()) == []
