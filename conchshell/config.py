@@ -100,6 +100,12 @@ class LossConfig:
     mel_bins: int = 128
     mel_fmin: float = 0.0
     mel_fmax: float = 8000.0
+    # vqvae stage (Jukebox's recipe): reconstruction L2 (and optional L1), multi-resolution
+    # spectral distance, and the commitment loss weighted 0.02 as in the 5b vqvae.
+    vqvae_l1: float = 0.0
+    vqvae_l2: float = 1.0
+    vqvae_spectral: float = 1.0
+    vqvae_commit: float = 0.02
 
 
 @dataclass
@@ -114,6 +120,13 @@ class OptimConfig:
     decay_g: float = 0.8
     decay_d: float = 0.9
     grad_clip: float | None = None
+    # tcnn stage: AdamW with Adam's usual betas; multi-stage schedule: the lr is multiplied by
+    # tcnn_gamma at each step in tcnn_milestones.
+    tcnn_lr: float = 1e-3
+    tcnn_milestones: list[int] = field(default_factory=lambda: [4_000, 8_000])
+    tcnn_gamma: float = 0.1
+    # vqvae stage: Jukebox's Adam learning rate.
+    vqvae_lr: float = 3e-4
 
 
 @dataclass
@@ -132,6 +145,9 @@ class TrainConfig:
     num_eval_samples: int = 4
     # vqvae stage: which codec levels to train.
     vqvae_levels: list[int] = field(default_factory=lambda: [0])
+    # Validate on at most this many items of the val split (the first ones, in manifest
+    # order); None = the whole split. Keeps smoke tests and CPU runs affordable.
+    max_val_items: int | None = None
 
 
 @dataclass

@@ -1,0 +1,261 @@
+"""The GAN stage: the ConchShell generator against the multi-scale latent discriminator.
+
+Frozen around the two trained networks: the image frontend (TCNN + pseudo-video + I3D),
+skipped when the batch carries cached ``features``, and the codec (only the level the
+generator targets is ever encoded). One step (DESIGN.md section 3):
+
+1. discriminator: hinge loss on the real level latent ``codec.encode(audio)`` and on
+   ``fake.detach()``; AdamW step;
+2. generator: ``generator_objective`` over the adversarial hinge loss, feature matching,
+   wave and mel L1 of ``quantized_audio(codec, fake)`` against the real clip, and the
+   released code's latent L1 terms; terms whose weight is 0 are not computed.
+
+With ``loss.straight_through`` the wave/mel terms reach the generator through the
+straight-through quantiser and the frozen decoder; without it they reproduce the released
+code, where they carry no gradient.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from conchshell.config import Config
+from conchshell.errors import ConfigError
+from conchshell.export import save_generator_export
+from conchshell.models.codec import quantized_audio
+from conchshell.models.factory import (
+    build_codec,
+    build_discriminator_from_config,
+    build_frontend,
+    build_generator_from_config,
+)
+from conchshell.models.frontend import ImageFrontend
+from conchshell.nn.losses import (
+    LossWeights,
+    discriminator_hinge_loss,
+    feature_matching_loss,
+    generator_hinge_loss,
+    generator_objective,
+)
+from conchshell.nn.spectral import LogMelSpectrogram, mel_l1
+from conchshell.training.distributed import DistInfo
+from conchshell.training.optim import clip_gradients, gan_optimisers
+from conchshell.training.stages import Batch, Stage, to_device
+
+CLASS_SOURCES = ("label", "tcnn")
+
+
+def loss_weights(config: Config) -> LossWeights:
+    loss = config.loss
+    return LossWeights(lambda_g=loss.lambda_g, lambda_fm=loss.lambda_fm, lambda_wave=loss.lambda_wave,
+                       lambda_mel=loss.lambda_mel, lambda_latent=loss.lambda_latent,
+                       lambda_quantized_latent=loss.lambda_quantized_latent)
+
+
+def split_scales(outputs: list[list[Tensor]], first: int) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """Discriminator outputs of a concatenated batch -> (first ``first`` items, the rest)."""
+    return ([[t[:first] for t in scale] for scale in outputs],
+            [[t[first:] for t in scale] for scale in outputs])
+
+
+def log_mel_for(config: Config) -> LogMelSpectrogram:
+    loss = config.loss
+    return LogMelSpectrogram(sample_rate=config.data.sample_rate, n_fft=loss.mel_n_fft,
+                             hop_length=loss.mel_hop, win_length=loss.mel_win, n_mels=loss.mel_bins,
+                             fmin=loss.mel_fmin, fmax=loss.mel_fmax)
+
+
+class GanStage(Stage):
+    name = "gan"
+    export_prefix = "G"
+    metric_name = "val/mel_l1"
+
+    def __init__(self, config: Config, dist_info: DistInfo) -> None:
+        super().__init__(config, dist_info)
+        if config.image.train_class_source not in CLASS_SOURCES:
+            raise ConfigError(f"image.train_class_source must be one of {CLASS_SOURCES}, "
+                              f"got {config.image.train_class_source!r}")
+        self.weights = loss_weights(config)
+        if all(weight == 0.0 for weight in self.weights.by_term().values()):
+            raise ConfigError("every generator loss weight (loss.lambda_*) is 0: nothing to train")
+        self.clip_samples = config.clip_samples
+        self.generator = build_generator_from_config(config).to(self.device)
+        self.discriminator = build_discriminator_from_config(config).to(self.device)
+        self.codec = build_codec(config).to(self.device)
+        self.mel = log_mel_for(config).to(self.device)
+        self.models = {"generator": self.generator, "discriminator": self.discriminator}
+        self.g = self.wrap(self.generator)
+        self.d = self.wrap(self.discriminator)
+        self.optimizers, self.schedulers = gan_optimisers(self.generator, self.discriminator, config.optim)
+        self._frontend: ImageFrontend | None = None
+        # Validation images never change and the frontend is frozen: compute their features once.
+        self._val_conditioning: dict[int, tuple[Tensor, Tensor]] = {}
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def frontend(self) -> ImageFrontend:
+        """Built on first use: a run whose batches all come from the feature cache never needs it."""
+        if self._frontend is None:
+            self._frontend = build_frontend(self.config).to(self.device)
+        return self._frontend
+
+    def image_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(I3D features [B,2048] float32, TCNN class ids [B]) from the cache or the frontend."""
+        if "features" in batch and "pred_class" in batch:
+            return batch["features"].float(), batch["pred_class"].long()
+        with torch.inference_mode():
+            features, predicted = self.frontend(batch["image"])
+        # Inference tensors cannot take part in autograd: clone them into normal tensors.
+        return features.clone(), predicted.clone()
+
+    def conditioning(self, batch: Batch, class_source: str) -> tuple[Tensor, Tensor]:
+        features, predicted = self.image_features(batch)
+        return features, batch["class_id"].long() if class_source == "label" else predicted
+
+    @torch.no_grad()
+    def real_latent(self, audio: Tensor) -> Tensor:
+        # The frozen codec runs in float32: bf16 would move latents across codebook cells.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.codec.encode(audio.float())
+
+    # ------------------------------------------------------------------ losses
+    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
+        # One forward of real and fake together: DDP expects one forward per backward.
+        with self.autocast():
+            outputs = self.d(torch.cat([real, fake.detach().to(real.dtype)]))
+        real_out, fake_out = split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
+        return discriminator_hinge_loss(real_out, fake_out)
+
+    def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor) -> dict[str, Tensor]:
+        """Every generator loss term with a non-zero weight (unweighted)."""
+        w = self.weights
+        terms: dict[str, Tensor] = {}
+        if w.lambda_g or w.lambda_fm:
+            # The unwrapped discriminator with frozen weights: gradients reach ``fake`` only,
+            # and no discriminator all-reduce is spent on the generator's step.
+            with self.autocast():
+                outputs = self.discriminator(torch.cat([real, fake.to(real.dtype)]))
+            real_out, fake_out = split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
+            if w.lambda_g:
+                terms["adversarial"] = generator_hinge_loss(fake_out)
+            if w.lambda_fm:
+                terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
+        if w.lambda_wave or w.lambda_mel:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                fake_audio = quantized_audio(self.codec, fake.float(), self.clip_samples,
+                                             self.config.loss.straight_through)
+            if w.lambda_wave:
+                terms["wave"] = F.l1_loss(fake_audio, audio)
+            if w.lambda_mel:
+                terms["mel"] = mel_l1(fake_audio, audio, self.mel)
+        if w.lambda_latent:
+            terms["latent"] = F.l1_loss(fake.float(), real)
+        if w.lambda_quantized_latent:
+            with torch.no_grad():
+                quantized_real = self.codec.dequantize(self.codec.quantize(real))
+            terms["quantized_latent"] = F.l1_loss(fake.float(), quantized_real)
+        return terms
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, Tensor]:
+        accum = len(micro_batches)
+        self.zero_grad()
+        # With one micro-batch the fake keeps its graph from the D phase to the G phase (one
+        # generator forward per step, as in the paper's code). With several, keeping every
+        # graph would defeat accumulation, so the D phase generates without a graph and the
+        # G phase generates again.
+        keep_graph = accum == 1
+        prepared = []
+        d_total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            batch = to_device(batch, self.device)
+            features, class_ids = self.conditioning(batch, self.config.image.train_class_source)
+            real = self.real_latent(batch["audio"])
+            with self.autocast(), torch.set_grad_enabled(keep_graph):
+                fake = (self.g if keep_graph else self.generator)(features, class_ids)
+            with self.sync_gradients(self.d, index == accum - 1):
+                d_loss = self.discriminator_loss(real, fake) / accum
+                d_loss.backward()
+            d_total += d_loss.detach()
+            prepared.append((batch["audio"], features, class_ids, real, fake if keep_graph else None))
+        self.check_finite({"discriminator": d_total})
+        clip_gradients(self.discriminator, self.config.optim.grad_clip)
+        self.optimizers["discriminator"].step()
+        self.schedulers["discriminator"].step()
+
+        sums: dict[str, Tensor] = {}
+        g_total = torch.zeros((), device=self.device)
+        self.discriminator.requires_grad_(False)
+        try:
+            for index, (audio, features, class_ids, real, fake) in enumerate(prepared):
+                with self.sync_gradients(self.g, index == accum - 1):
+                    if fake is None:
+                        with self.autocast():
+                            fake = self.g(features, class_ids)
+                    terms = self.generator_terms(fake, real, audio)
+                    g_loss = generator_objective(terms, self.weights) / accum
+                    # All terms can be gradient-free (wave/mel only, straight_through off:
+                    # the released code's behaviour); then there is nothing to back-propagate.
+                    if g_loss.requires_grad:
+                        g_loss.backward()
+                g_total += g_loss.detach()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach() / accum
+        finally:
+            self.discriminator.requires_grad_(True)
+        weight_of = self.weights.by_term()
+        weighted = {name: weight_of[name] * value for name, value in sums.items()}
+        self.check_finite({**weighted, "generator": g_total})
+        clip_gradients(self.generator, self.config.optim.grad_clip)
+        self.optimizers["generator"].step()
+        self.schedulers["generator"].step()
+        return {"d/loss": d_total, "g/loss": g_total, **{f"g/{name}": value for name, value in sums.items()}}
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self, batches: Iterable[Batch], num_media: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Mel L1 (the best-checkpoint metric), wave L1 and latent L1 on centre-cropped clips.
+
+        The class comes from the TCNN, as at inference, whatever ``train_class_source`` is.
+        """
+        self.generator.eval()
+        totals = {"val/mel_l1": 0.0, "val/wave_l1": 0.0, "val/latent_l1": 0.0}
+        count = 0
+        media: list[dict[str, Any]] = []
+        for batch in batches:
+            batch = to_device(batch, self.device)
+            features, class_ids = self._val_inputs(batch)
+            with self.autocast():
+                fake = self.generator(features, class_ids)
+            fake = fake.float()
+            real = self.real_latent(batch["audio"])
+            fake_audio = self.codec.decode(self.codec.quantize(fake), self.clip_samples)
+            size = fake.shape[0]
+            mel_fake, mel_real = self.mel(fake_audio), self.mel(batch["audio"])
+            totals["val/mel_l1"] += F.l1_loss(mel_fake, mel_real).item() * size
+            totals["val/wave_l1"] += F.l1_loss(fake_audio, batch["audio"]).item() * size
+            totals["val/latent_l1"] += F.l1_loss(fake, real).item() * size
+            count += size
+            for i in range(size):
+                if len(media) < num_media:
+                    media.append({"image": batch["image"][i].cpu(),
+                                  "audio/generated": fake_audio[i].cpu(), "audio/real": batch["audio"][i].cpu(),
+                                  "mel/generated": mel_fake[i].cpu(), "mel/real": mel_real[i].cpu()})
+        self.generator.train()
+        return {name: value / max(count, 1) for name, value in totals.items()}, media
+
+    def _val_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        indices = [int(i) for i in batch["index"]]
+        if not all(i in self._val_conditioning for i in indices):
+            features, predicted = self.image_features(batch)
+            for row, i in enumerate(indices):
+                self._val_conditioning[i] = (features[row], predicted[row])
+        features = torch.stack([self._val_conditioning[i][0] for i in indices])
+        return features, torch.stack([self._val_conditioning[i][1] for i in indices])
+
+    def export(self, path: Path, step: int) -> None:
+        save_generator_export(path, self.generator, self.config, step)
