@@ -1,0 +1,575 @@
+"""Measure ConchShell against the machine's own limit: inference per component, GAN training
+steps, and the frozen-feature cache.
+
+    python scripts/benchmark.py [--device cpu|cuda] [--json out.json] [--levels deep,low,high,tiny]
+                                [--batch-sizes 1,4] [--repeats N] [--quick]
+
+In one run, after warm-up, with median/min/max over repeats:
+
+* the ceiling: large fp32 and bf16 matmul rates (FLOP/s);
+* image -> wav inference for each level, per component (TCNN time features, TCNN class,
+  I3D, generator, quantise, decode), per batch size, in fp32 and bf16 autocast: seconds,
+  real-time factor (seconds per second of audio), peak memory, and achieved FLOP/s as a
+  fraction of the ceiling of the same precision. FLOPs are counted (conv + matmul,
+  2 per MAC) by running each component once under torch's FLOP counter, which doubles
+  as its first warm-up run. The bf16 and fp32 audio of each level are compared too;
+* one GAN training step for each level, run by the trainer itself
+  (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
+  terms) on cached-feature batches: samples/s and ceiling fraction;
+* the frozen-feature cache: frontend compute per image vs loading a cached tensor.
+
+Every network without a checkpoint file uses the factory's seeded weights, so the run needs
+no downloads; speed does not depend on the weights' values. The frontend (TCNN + I3D) is the
+same network for every level, so it is measured once per batch size and precision and its
+numbers are shared by every level's chain. Chain totals are the sums of component medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conchshell.config import Config, config_to_dict, load_config  # noqa: E402
+from conchshell.constants import IMAGE_SIZE, NUM_CLASSES  # noqa: E402
+from conchshell.data.feature_cache import FeatureCache  # noqa: E402
+from conchshell.models.codec import AudioCodec  # noqa: E402
+from conchshell.models.factory import (  # noqa: E402
+    build_codec,
+    build_frontend,
+    build_generator_from_config,
+)
+from conchshell.models.frontend import ImageFrontend  # noqa: E402
+from conchshell.models.i3d import i3d_embedding  # noqa: E402
+from conchshell.models.pseudo_video import image_to_pseudo_video  # noqa: E402
+from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
+from conchshell.training.distributed import DistInfo  # noqa: E402
+from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
+from conchshell.utils.benchmark import (  # noqa: E402
+    PRECISIONS,
+    Timing,
+    autocast_for,
+    count_flops,
+    format_bytes,
+    matmul_ceiling,
+    time_call,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVEL_CONFIGS = {
+    "deep": "conchshell.yaml",
+    "low": "baseline2_low.yaml",
+    "high": "baseline1_high.yaml",
+    "tiny": "tiny.yaml",
+}
+COMPONENTS = ("tcnn_time_features", "tcnn_class", "i3d", "generator", "quantise", "decode")
+FRONTEND_COMPONENTS = COMPONENTS[:3]
+
+
+# --------------------------------------------------------------------------- setup
+def offline_config(level: str) -> Config:
+    """The level's config with every pretrained file replaced by the factory's seeded weights."""
+    config = load_config(ROOT / "configs" / LEVEL_CONFIGS[level])
+    config.image.tcnn_checkpoint = None
+    config.image.i3d_checkpoint = None
+    config.codec.checkpoint = None
+    return config
+
+
+def build_quietly(build: Callable[[Config], Any], config: Config) -> Any:
+    with warnings.catch_warnings():
+        # The seeded codec warns that it is untrained: expected here, speed is all we need.
+        warnings.filterwarnings("ignore", message="codec.checkpoint is null")
+        return build(config)
+
+
+def seeded_images(batch: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
+
+
+def seeded_classes(batch: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(batch) % NUM_CLASSES).to(device)
+
+
+@dataclass
+class Measured:
+    """One measured piece of work: its timing and counted FLOPs."""
+
+    timing: Timing
+    flops: int
+
+    def summary(self) -> dict[str, Any]:
+        """Timing and FLOP rate; ceiling fractions are added once the run's ceiling is known."""
+        data = self.timing.to_dict()
+        data.pop("extra")
+        data.update(flops=self.flops, flops_per_s=self.flops / self.timing.median,
+                    best_flops_per_s=self.flops / self.timing.min)
+        return data
+
+
+def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+            with_grad: bool = False) -> Measured:
+    """Count FLOPs in a first (untimed, warm-up) call, then time ``repeats`` calls."""
+    flops, _ = count_flops(fn, with_grad=with_grad)
+    return Measured(time_call(fn, device, repeats, warmup), flops)
+
+
+# ----------------------------------------------------------------------- inference
+def frozen_call(fn: Callable[[], Any], device: torch.device, precision: str) -> Callable[[], Any]:
+    """``fn`` as inference runs it: no autograd bookkeeping, fp32 or bf16 autocast.
+
+    Callers keep the codec (quantise, decode) in fp32 whatever ``precision`` says: under
+    bf16 autocast the nearest-codebook search flips codes and the decoded audio drifts far
+    from the fp32 path, as the trainer also avoids.
+    """
+    def wrapped() -> Any:
+        with torch.inference_mode(), autocast_for(device, precision):
+            return fn()
+    return wrapped
+
+
+def measure_frontend(frontend: ImageFrontend, grouping: str, batch: int, precision: str,
+                     device: torch.device, repeats: int, warmup: int
+                     ) -> tuple[dict[str, Measured], torch.Tensor, torch.Tensor]:
+    """TCNN time features -> I3D, and the TCNN class; also returns (features, class ids)."""
+    images = seeded_images(batch, device)
+
+    def run(fn: Callable[[], Any]) -> Callable[[], Any]:
+        return frozen_call(fn, device, precision)
+
+    time_features = measure(run(lambda: image_to_pseudo_video(frontend.tcnn, images, grouping)),
+                            device, repeats, warmup)
+    video = time_features.timing.extra.pop("result")
+    tcnn_class = measure(run(lambda: frontend.tcnn.predict_class(images)), device, repeats, warmup)
+    i3d = measure(run(lambda: i3d_embedding(frontend.i3d, video).float()), device, repeats, warmup)
+    measured = {"tcnn_time_features": time_features, "tcnn_class": tcnn_class, "i3d": i3d}
+    return measured, i3d.timing.extra.pop("result"), tcnn_class.timing.extra.pop("result")
+
+
+def measure_generation(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
+                       class_ids: torch.Tensor, num_samples: int, precision: str,
+                       device: torch.device, repeats: int, warmup: int) -> tuple[dict[str, Measured], torch.Tensor]:
+    """Generator -> quantise -> decode on given features; also returns the audio."""
+
+    def run(fn: Callable[[], Any]) -> Callable[[], Any]:
+        return frozen_call(fn, device, precision)
+
+    gen = measure(run(lambda: generator(features, class_ids)), device, repeats, warmup)
+    latent = gen.timing.extra.pop("result")
+    quantise = measure(frozen_call(lambda: codec.quantize(latent.float()), device, "fp32"), device, repeats, warmup)
+    codes = quantise.timing.extra.pop("result")
+    decode = measure(frozen_call(lambda: codec.decode(codes, num_samples), device, "fp32"), device, repeats, warmup)
+    audio = decode.timing.extra.pop("result")
+    return {"generator": gen, "quantise": quantise, "decode": decode}, audio
+
+
+def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_seconds: float,
+                  ceiling: float, bf16_ceiling: float) -> dict[str, Any]:
+    """Totals of one image -> wav chain: sums of the component medians and FLOPs."""
+    seconds = sum(c["median_s"] for c in components.values())
+    flops = sum(c["flops"] for c in components.values())
+    flop_bound = flops / bf16_ceiling
+    return {
+        "seconds": seconds,
+        "real_time_factor": seconds / (batch * clip_seconds),
+        "pieces_per_s": batch / seconds,
+        "flops": flops,
+        "flops_per_s": flops / seconds,
+        "ceiling_fraction": flops / seconds / ceiling,
+        # The issue's target: time relative to all FLOPs at the measured bf16 matmul rate.
+        "flop_bound_s": flop_bound,
+        "x_flop_bound": seconds / flop_bound,
+        "peak_memory_bytes": max((c["peak_memory_bytes"] or 0) for c in components.values()),
+    }
+
+
+def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSpectrogram) -> dict[str, float]:
+    reference, other = reference.float().cpu(), other.float().cpu()
+    return {
+        "max_abs_diff": (reference - other).abs().max().item(),
+        "mel_l1": mel_l1(other, reference, mel).item(),
+        "reference_peak": reference.abs().max().item(),
+    }
+
+
+def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    comparisons: list[dict[str, Any]] = []
+    frontends: dict[str, ImageFrontend] = {}
+    frontend_results: dict[tuple[str, int, str], tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = {}
+    for level in args.levels:
+        config = offline_config(level)
+        image_key = json.dumps(config_to_dict(config)["image"], sort_keys=True)
+        if image_key not in frontends:
+            frontends[image_key] = build_frontend(config).to(device)
+        frontend = frontends[image_key]
+        # Frozen for inference; also, torch's FLOP counter fails on trainable parameters
+        # under inference_mode (its module tracker hooks their gradients).
+        generator = build_quietly(build_generator_from_config, config).to(device).eval().requires_grad_(False)
+        codec = build_quietly(build_codec, config).to(device).eval()
+        mel = log_mel_for(config)
+        for batch in args.batch_sizes:
+            audio_by_precision: dict[str, torch.Tensor] = {}
+            for precision in args.precisions:
+                key = (image_key, batch, precision)
+                shared = key in frontend_results
+                if not shared:
+                    measured, features, class_ids = measure_frontend(
+                        frontend, config.image.grouping, batch, precision, device, args.repeats, args.warmup)
+                    summaries = {n: m.summary() for n, m in measured.items()}
+                    frontend_results[key] = (summaries, features, class_ids)
+                front, features, class_ids = frontend_results[key]
+                back, audio = measure_generation(generator, codec, features, class_ids, config.clip_samples,
+                                                 precision, device, args.repeats, args.warmup)
+                components = {n: dict(front[n], shared=shared) for n in FRONTEND_COMPONENTS}
+                components.update({n: m.summary() for n, m in back.items()})
+                rows.append({
+                    "level": level,
+                    "config": LEVEL_CONFIGS[level],
+                    "batch_size": batch,
+                    "precision": precision,
+                    "clip_seconds": config.data.clip_seconds,
+                    "components": components,
+                })
+                audio_by_precision[precision] = audio
+                print_progress(f"{level} b{batch} {precision}", components)
+            if {"fp32", "bf16"} <= set(audio_by_precision):
+                comparisons.append({"level": level, "batch_size": batch,
+                                    **audio_difference(audio_by_precision["fp32"], audio_by_precision["bf16"], mel)})
+        del generator, codec
+    return {"inference": rows, "bf16_vs_fp32_audio": comparisons}
+
+
+# ------------------------------------------------------------------------ training
+def gan_training_step(config: Config, device: torch.device, precision: str, batch: int) -> Callable[[], Any]:
+    """One step of the trainer's own GAN stage (GanStage.train_step), single process.
+
+    The batch carries cached frontend outputs (``features``/``pred_class``), as training with
+    the feature cache does; the frontend's cost is measured separately (feature cache section).
+    """
+    config.train.precision = precision
+    dist_info = DistInfo(rank=0, local_rank=0, world_size=1, is_main=True, device=device, backend=None)
+    stage = build_quietly(lambda c: GanStage(c, dist_info), config)
+    generator = torch.Generator().manual_seed(batch)
+    items = {
+        "features": torch.randn(batch, 2048, generator=generator),
+        "pred_class": seeded_classes(batch, torch.device("cpu")),
+        "class_id": seeded_classes(batch, torch.device("cpu")),
+        "audio": 0.1 * torch.randn(batch, 1, config.clip_samples, generator=generator),
+    }
+    items = {key: value.to(device) for key, value in items.items()}
+    return lambda: stage.train_step([items])
+
+
+def run_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for level in args.train_levels:
+        config = offline_config(level)
+        batch = args.train_batch or config.train.batch_size
+        for precision in args.train_precisions or [config.train.precision]:
+            step = gan_training_step(config, device, precision, batch)
+            measured = measure(step, device, args.train_repeats, args.train_warmup, with_grad=True)
+            summary = measured.summary()
+            rows.append({
+                "level": level,
+                "config": LEVEL_CONFIGS[level],
+                "batch_size": batch,
+                "precision": precision,
+                **summary,
+                "samples_per_s": batch / summary["median_s"],
+            })
+            print_progress(f"train {level} b{batch} {precision}", {"step": summary})
+            del step
+    return rows
+
+
+# -------------------------------------------------------------------- feature cache
+def run_feature_cache(args: argparse.Namespace, device: torch.device, inference: list[dict[str, Any]],
+                      training: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per training sample: computing frozen features vs reading them from the feature cache.
+
+    The cache side is the project's FeatureCache.get on real JPEG files: sha256 of the image
+    file plus a weights-only load of its entry, with a fresh cache object per timed run (no
+    memoised digests) and a warm page cache, as in every epoch after the first. Image
+    decoding is left out of both sides (the cached path never decodes, so this understates
+    the gain slightly).
+    """
+    front = next((r for r in inference if r["batch_size"] == 1 and r["precision"] == "fp32"), None)
+    if front is not None:
+        compute_s = sum(front["components"][n]["median_s"] for n in FRONTEND_COMPONENTS)
+        source = "inference fp32 batch 1 (sum of frontend components)"
+    else:
+        config = offline_config(args.levels[0] if args.levels else "tiny")
+        frontend = build_frontend(config).to(device)
+        images = seeded_images(1, device)
+
+        def compute() -> Any:
+            with torch.inference_mode():
+                return frontend(images)
+        compute_s = time_call(compute, device, args.repeats, args.warmup).median
+        source = "frontend fp32 batch 1"
+    with tempfile.TemporaryDirectory() as folder:
+        pixels = torch.Generator().manual_seed(0)
+        paths = []
+        writer = FeatureCache(folder, "benchmark")
+        for index in range(args.cache_files):
+            path = Path(folder) / f"{index:05d}.jpg"
+            image = torch.randint(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), generator=pixels, dtype=torch.uint8)
+            Image.fromarray(image.numpy()).save(path, quality=90)
+            writer.put(path, torch.randn(2048, generator=pixels), index % NUM_CLASSES)
+            paths.append(path)
+
+        def load_all() -> None:
+            cache = FeatureCache(folder, "benchmark")
+            for path in paths:
+                features, _ = cache.get(path)
+                features.to(device)
+        load = time_call(load_all, device, args.repeats, warmup=1)
+    load_s = load.median / len(paths)
+    result: dict[str, Any] = {
+        "frontend_s_per_image": compute_s,
+        "frontend_source": source,
+        "cache_load_s_per_image": load_s,
+        "cache_load_timing_s_per_image": [s / len(paths) for s in load.seconds],
+        "speedup_features": compute_s / load_s,
+        "epoch": [],
+    }
+    for row in training:
+        step_per_sample = row["median_s"] / row["batch_size"]
+        without = step_per_sample + compute_s
+        with_cache = step_per_sample + load_s
+        result["epoch"].append({
+            "level": row["level"], "precision": row["precision"],
+            "s_per_sample_computing_features": without,
+            "s_per_sample_cached_features": with_cache,
+            "epoch_speedup": without / with_cache,
+        })
+    return result
+
+
+# ------------------------------------------------------------------------ ceilings
+def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any]],
+                   rates: dict[str, float]) -> None:
+    """Add ceiling fractions and FLOP-bound ratios to every row, in place.
+
+    ceiling_fraction compares with the matmul ceiling of the row's own precision;
+    x_flop_bound is time / (FLOPs / bf16 matmul rate), the issue's target measure.
+    """
+    for row in inference:
+        ceiling = rates[row["precision"]]
+        for component in row["components"].values():
+            component["ceiling_fraction"] = component["flops_per_s"] / ceiling
+        row["total"] = chain_summary(row["components"], row["batch_size"], row["clip_seconds"],
+                                     ceiling, rates["bf16"])
+    for row in training:
+        row["ceiling_fraction"] = row["flops_per_s"] / rates[row["precision"]]
+        row["flop_bound_s"] = row["flops"] / rates["bf16"]
+        row["x_flop_bound"] = row["median_s"] / row["flop_bound_s"]
+
+
+def measure_ceilings(device: torch.device, size: int) -> dict[str, dict[str, Any]]:
+    return {"fp32": matmul_ceiling(device, torch.float32, size),
+            "bf16": matmul_ceiling(device, torch.bfloat16, size)}
+
+
+def best_ceilings(*measurements: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Best rate per precision over the measurements (start and end of the run): on a shared
+    machine the lower reading is the contended one, not the hardware's limit."""
+    return {name: max(m[name]["flops_per_s"] for m in measurements) for name in measurements[0]}
+
+
+# ----------------------------------------------------------------------- reporting
+def print_progress(head: str, parts: dict[str, dict[str, Any]]) -> None:
+    text = ", ".join(f"{n} {p['median_s'] * 1e3:.1f} ms {p['flops_per_s'] / 1e9:.1f} GFLOP/s"
+                     for n, p in parts.items())
+    print(f"[{head}] {text}", file=sys.stderr, flush=True)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:9.1f}" if seconds < 100 else f"{seconds * 1e3:9.0f}"
+
+
+def print_inference_row(row: dict[str, Any]) -> None:
+    head = f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:4}"
+    for name, c in row["components"].items():
+        shared = "*" if c.get("shared") else " "
+        print(f"{head} {name:19}{shared}{_ms(c['median_s'])} [{_ms(c['min_s']).strip()}-{_ms(c['max_s']).strip()}]"
+              f" {c['flops'] / 1e9:9.2f} {c['flops_per_s'] / 1e9:8.1f} {100 * c['ceiling_fraction']:6.1f}%"
+              f" {format_bytes(c['peak_memory_bytes']):>9}")
+    t = row["total"]
+    print(f"{head} {'TOTAL':20}{_ms(t['seconds'])} RTF {t['real_time_factor']:.3f}"
+          f" {t['flops'] / 1e9:9.2f} {t['flops_per_s'] / 1e9:8.1f} {100 * t['ceiling_fraction']:6.1f}%"
+          f" {format_bytes(t['peak_memory_bytes']):>9}  {t['x_flop_bound']:.2f}x FLOP-bound")
+
+
+def print_training_row(row: dict[str, Any]) -> None:
+    print(f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:4} {_ms(row['median_s'])}"
+          f" [{_ms(row['min_s']).strip()}-{_ms(row['max_s']).strip()}] {row['samples_per_s']:8.3f}"
+          f" {row['flops'] / 1e9:9.1f} {row['flops_per_s'] / 1e9:8.1f} {100 * row['ceiling_fraction']:6.1f}%"
+          f" {format_bytes(row['peak_memory_bytes']):>9} {row['x_flop_bound']:6.2f}x")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    meta = report["meta"]
+    print(f"# ConchShell benchmark: {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}")
+    print(f"load average at start/end: {meta['load_average_start']} / {meta['load_average_end']}")
+    for name, rate in report["ceiling"]["used"].items():
+        readings = ", ".join(f"{m[name]['flops_per_s'] / 1e9:.1f}" for m in report["ceiling"]["measurements"])
+        size = report["ceiling"]["measurements"][0][name]["size"]
+        print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s ({size}^3 matmul; best of each reading: {readings})")
+    if report["inference"]:
+        print("\n## Inference (ms: median [min-max]; GFLOP counted; GFLOP/s; % of same-precision ceiling; "
+              "peak memory; * = frontend shared across levels)")
+        for row in report["inference"]:
+            print_inference_row(row)
+    if report["bf16_vs_fp32_audio"]:
+        print("\n## bf16 vs fp32 audio")
+        for c in report["bf16_vs_fp32_audio"]:
+            print(f"{c['level']:5} b{c['batch_size']:<2} max|diff| {c['max_abs_diff']:.4g} "
+                  f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}")
+    if report["training"]:
+        print("\n## GAN training step (ms median [min-max]; samples/s; GFLOP; GFLOP/s; % ceiling; "
+              "peak memory; x FLOP-bound at bf16 rate)")
+        for row in report["training"]:
+            print_training_row(row)
+    cache = report.get("feature_cache")
+    if cache:
+        print(f"\n## Feature cache: frontend {cache['frontend_s_per_image'] * 1e3:.1f} ms/image vs cached load "
+              f"{cache['cache_load_s_per_image'] * 1e3:.3f} ms/image ({cache['speedup_features']:.0f}x)")
+        for e in cache["epoch"]:
+            print(f"{e['level']:5} {e['precision']:4} epoch time per sample {e['s_per_sample_computing_features']:.3f} s"
+                  f" -> {e['s_per_sample_cached_features']:.3f} s ({e['epoch_speedup']:.2f}x)")
+
+
+# ---------------------------------------------------------------------------- main
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _csv(kind: Callable[[str], Any], allowed: tuple[Any, ...] | None = None) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [kind(part.strip()) for part in text.split(",") if part.strip()]
+        if allowed is not None:
+            bad = [item for item in items if item not in allowed]
+            if bad:
+                raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(map(str, allowed))}")
+        return items
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--json", type=Path, help="write the full results here")
+    levels = tuple(LEVEL_CONFIGS)
+    parser.add_argument("--levels", type=_csv(str, levels), default=["deep", "low", "high"],
+                        help="inference levels (default deep,low,high)")
+    parser.add_argument("--batch-sizes", type=_csv(int), default=None, help="inference batch sizes (default 1,4)")
+    parser.add_argument("--precisions", type=_csv(str, PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--repeats", type=int, default=None, help="timed inference repeats (default 3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed runs after the FLOP-counting run (default 1)")
+    parser.add_argument("--train-levels", type=_csv(str, levels), default=["deep", "low", "high", "tiny"])
+    parser.add_argument("--train-precisions", type=_csv(str, PRECISIONS), default=None,
+                        help="training precisions (default: each config's train.precision, "
+                             "bf16 for the paper's levels, fp32 for tiny)")
+    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: the config's)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2)")
+    parser.add_argument("--train-warmup", type=int, default=0,
+                        help="untimed steps after the FLOP-counting step (default 0: a Deep step is minutes on CPU)")
+    parser.add_argument("--cache-files", type=int, default=64, help="cached items read per timed cache run")
+    parser.add_argument("--ceiling-size", type=int, default=None,
+                        help="matmul size for the ceiling (default 2048 on CPU, 8192 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 1, one repeat, no extra warm-up")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.batch_sizes = args.batch_sizes or ([1] if quick else [1, 4])
+    def default(value: int | None, normal: int, in_quick: int) -> int:
+        return value if value is not None else (in_quick if quick else normal)
+
+    args.repeats = default(args.repeats, 3, 1)
+    args.warmup = default(args.warmup, 1, 0)
+    args.train_repeats = default(args.train_repeats, 2, 1)
+    if args.repeats < 1 or args.train_repeats < 1 or min(args.warmup, args.train_warmup) < 0 \
+            or min(args.batch_sizes) < 1:
+        parser.error("repeats and batch sizes must be >= 1 and warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    size = args.ceiling_size or (8192 if device.type == "cuda" else 2048)
+    first = measure_ceilings(device, size)
+    print(f"[ceiling] fp32 {first['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+          f"bf16 {first['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    inference = run_inference(args, device) if args.levels else {"inference": [], "bf16_vs_fp32_audio": []}
+    training = run_training(args, device) if args.train_levels else []
+    cache = run_feature_cache(args, device, inference["inference"], training)
+    last = measure_ceilings(device, size)
+    rates = best_ceilings(first, last)
+    apply_ceilings(inference["inference"], training, rates)
+    report = {
+        "meta": {
+            "device": args.device,
+            "device_name": device_name(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            # Other work on the machine slows every figure: check these before comparing runs.
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "notes": "Seeded weights (no checkpoints). Chain totals = sum of component medians. "
+                     "ceiling = best matmul rate of the readings at start and end of the run; "
+                     "ceiling_fraction is against the same precision's ceiling; x_flop_bound "
+                     "is time / (FLOPs / bf16 matmul rate). CPU peak memory = rise of the process "
+                     "high-water RSS during the timed runs.",
+        },
+        "ceiling": {"used": rates, "measurements": [first, last]},
+        **inference,
+        "training": training,
+        "feature_cache": cache,
+    }
+    report["meta"]["wall_s"] = time.perf_counter() - started
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The benchmark's helpers, and a smoke run of scripts/benchmark.py on the tiny config."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conchshell.utils.benchmark import (
+    PeakMemory,
+    autocast_for,
+    count_flops,
+    matmul_ceiling,
+    time_call,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_call_runs_warmup_then_repeats_and_keeps_last_result():
+    calls = []
+
+    def work():
+        calls.append(len(calls))
+        time.sleep(0.002)
+        return len(calls)
+
+    timing = time_call(work, CPU, repeats=3, warmup=2)
+    assert len(calls) == 5 and len(timing.seconds) == 3
+    assert timing.extra["result"] == 5
+    assert 0.002 <= timing.min <= timing.median <= timing.max
+    with pytest.raises(ValueError):
+        time_call(work, CPU, repeats=0)
+
+
+def test_peak_memory_sees_a_large_torch_allocation():
+    # A fresh interpreter: inside the suite, memory freed by earlier tests is reused and
+    # the allocation below would not raise the resident peak at all.
+    probe = (
+        "import torch\n"
+        "from conchshell.utils.benchmark import PeakMemory\n"
+        "with PeakMemory(torch.device('cpu')) as memory:\n"
+        "    block = torch.ones(64 * 1024 * 1024 // 4)\n"
+        "    del block\n"
+        "print(memory.kind, memory.peak_bytes)\n"
+    )
+    kind, peak = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert kind in ("cpu_vmhwm", "cpu_maxrss")
+    assert int(peak) >= 60 * 1024 * 1024
+
+
+def test_count_flops_counts_matmuls_with_and_without_grad():
+    a, b = torch.randn(32, 16), torch.randn(16, 8)
+    flops, result = count_flops(lambda: a @ b)
+    assert flops == 2 * 32 * 16 * 8 and result.shape == (32, 8)
+    weight = torch.randn(16, 8, requires_grad=True)
+    # Forward plus the weight gradient's matmul: two matmuls of the same size.
+    flops, _ = count_flops(lambda: (a @ weight).sum().backward(), with_grad=True)
+    assert flops == 2 * (2 * 32 * 16 * 8)
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_count_flops_charges_grouped_conv_backward_one_forward_per_gradient(groups):
+    # torch's own formula charges a grouped conv's weight gradient `groups` times over.
+    conv = torch.nn.Conv1d(16, 16, 5, groups=groups, padding=2)
+    x = torch.randn(2, 16, 50, requires_grad=True)
+    forward, _ = count_flops(lambda: conv(x))
+    assert forward == 2 * 2 * 50 * 16 * (16 // groups) * 5
+    step, _ = count_flops(lambda: conv(x).sum().backward(), with_grad=True)
+    assert step == 3 * forward  # forward + input gradient + weight gradient
+    frozen_input = x.detach()
+    step, _ = count_flops(lambda: conv(frozen_input).sum().backward(), with_grad=True)
+    assert step == 2 * forward
+
+
+def test_autocast_for_switches_matmul_dtype_only_for_bf16():
+    x = torch.randn(4, 4)
+    with autocast_for(CPU, "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_for(CPU, "fp32"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError):
+        autocast_for(CPU, "fp16")
+
+
+def test_matmul_ceiling_reports_a_positive_rate():
+    ceiling = matmul_ceiling(CPU, torch.float32, size=128, repeats=2, warmup=1)
+    assert ceiling["flops"] == 2 * 128**3 and len(ceiling["seconds"]) == 2
+    assert ceiling["flops_per_s"] >= ceiling["median_flops_per_s"] > 0
+
+
+def test_audio_difference_is_zero_for_identical_audio_and_grows_with_noise():
+    script = load_script()
+    config = script.offline_config("tiny")
+    mel = script.log_mel_for(config)
+    audio = torch.sin(torch.linspace(0, 400, config.clip_samples)).view(1, 1, -1)
+    same = script.audio_difference(audio, audio.clone(), mel)
+    assert same["max_abs_diff"] == 0 and same["mel_l1"] == 0
+    noisy = script.audio_difference(audio, audio + 0.1 * torch.randn_like(audio), mel)
+    assert noisy["max_abs_diff"] > 0.1 and noisy["mel_l1"] > 0
+
+
+@pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
+def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
+    script = load_script()
+    out = tmp_path / "bench.json"
+    code = script.main([
+        "--levels", "tiny", "--batch-sizes", "1", "--precisions", "fp32", "--repeats", "1",
+        "--warmup", "0", "--train-levels", "tiny", "--train-precisions", "fp32,bf16",
+        "--train-repeats", "1", "--ceiling-size", "256", "--cache-files", "4", "--json", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "Inference" in printed and "GAN training step" in printed and "Feature cache" in printed
+
+    assert set(report["ceiling"]["used"]) == {"fp32", "bf16"}
+    assert all(rate > 0 for rate in report["ceiling"]["used"].values())
+
+    (row,) = report["inference"]
+    assert (row["level"], row["batch_size"], row["precision"]) == ("tiny", 1, "fp32")
+    assert list(row["components"]) == list(script.COMPONENTS)
+    for component in row["components"].values():
+        assert len(component["seconds"]) == 1 and component["median_s"] > 0
+        assert component["flops"] >= 0 and 0 <= component["ceiling_fraction"]
+    # The frontend's FLOPs are real work: TCNN-6 time features + I3D are > 100 GFLOP per image.
+    assert row["components"]["tcnn_time_features"]["flops"] > 50e9
+    assert row["components"]["i3d"]["flops"] > 50e9
+    total = row["total"]
+    assert total["seconds"] == pytest.approx(sum(c["median_s"] for c in row["components"].values()))
+    assert total["real_time_factor"] == pytest.approx(total["seconds"] / 0.5)
+    assert total["x_flop_bound"] > 0
+
+    assert [(r["level"], r["precision"]) for r in report["training"]] == [("tiny", "fp32"), ("tiny", "bf16")]
+    for step in report["training"]:
+        assert step["batch_size"] == 2 and step["flops"] > 0
+        assert step["samples_per_s"] == pytest.approx(2 / step["median_s"])
+
+    cache = report["feature_cache"]
+    assert cache["frontend_s_per_image"] > cache["cache_load_s_per_image"] > 0
+    assert [e["level"] for e in cache["epoch"]] == ["tiny", "tiny"]
+    assert all(e["epoch_speedup"] > 1 for e in cache["epoch"])
