@@ -36,7 +36,6 @@ import functools
 import hashlib
 import json
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from conchshell.data.audio import center_crop_or_pad, load_audio
 from conchshell.data.image import load_image
 from conchshell.errors import CheckpointError, ConchShellError
 from conchshell.utils.checkpoint import read_weights
+from conchshell.utils.files import atomic_write
 
 # Bump when the meaning of a stored entry changes (frontend or codec maths, entry layout),
 # so caches written by older code are not mistaken for current ones.
@@ -59,7 +59,6 @@ FORMAT_VERSION = 1
 FEATURE_DIM = 2048
 META_NAME = "cache.json"
 ITEMS_DIR = "items"
-_TEMP_MARK = ".tmp-"
 _HASH_CHUNK = 1 << 20
 
 
@@ -210,7 +209,7 @@ class ContentCache:
         """Record what produced this folder (written once, before any entry)."""
         meta = {"fingerprint": self.fingerprint, "kind": self.kind, "format": FORMAT_VERSION, "settings": settings}
         text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-        _atomic_write(self.directory / META_NAME, lambda handle: handle.write(text.encode()))
+        atomic_write(self.directory / META_NAME, lambda handle: handle.write(text.encode()))
 
     def read_meta(self) -> dict[str, Any]:
         return json.loads((self.directory / META_NAME).read_text())
@@ -235,7 +234,7 @@ class ContentCache:
             raise ValueError(f"not a valid {self.kind} entry: { {k: (v.dtype, tuple(v.shape)) for k, v in entry.items()} }")
         # clone(): a row of a batch is a view, and torch.save would write the whole batch's storage.
         entry = {k: v.detach().to("cpu").contiguous().clone() for k, v in entry.items()}
-        _atomic_write(self.item_path(digest), lambda handle: torch.save(entry, handle))
+        atomic_write(self.item_path(digest), lambda handle: torch.save(entry, handle))
 
     def _valid(self, entry: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -290,25 +289,6 @@ class LatentCache(ContentCache):
     def _valid(self, entry: dict[str, Any]) -> bool:
         latent = entry.get("latent")
         return isinstance(latent, Tensor) and latent.dtype == torch.float32 and latent.ndim == 2
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write to a unique temp name beside ``path``, fsync, rename: a reader sees all or nothing.
-
-    The folder itself is not fsynced: losing a rename in a power cut only loses that entry,
-    which the next run recomputes.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f"{_TEMP_MARK}{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- opening

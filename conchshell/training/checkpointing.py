@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, IO, Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
 
 from conchshell.errors import CheckpointError
 from conchshell.utils.checkpoint import read_weights
+from conchshell.utils.files import TEMP_PREFIX, atomic_write
 
-TEMP_PREFIX = ".tmp-"
 STEP_PATTERN = re.compile(r"^ckpt-step=(\d+)\.pt$")
 BEST_NAME = "ckpt-best.pt"
 BEST_JSON = "best.json"
@@ -60,41 +59,10 @@ def _check_serialisable(obj: Any, where: str = "state") -> None:
                           "loadable with weights_only=True; convert it to a tensor or a python scalar")
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself: without this a power cut can lose the directory entry."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; its rename is already durable enough
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Run ``write`` on a temp file next to ``path``, fsync it, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f"{TEMP_PREFIX}{path.name}-{os.getpid()}"
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically (complete old file or complete new file, never half)."""
     _check_serialisable(state)
-    _atomic_write(Path(path), lambda handle: torch.save(state, handle))
+    atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
 def export_weights(module_state: Mapping[str, torch.Tensor], path: Path,
@@ -117,7 +85,7 @@ def save_config_next_to(config_dict: Mapping[str, Any], out_dir: Path) -> Path:
     """Write ``out_dir/config.yaml`` (keys in their given order) atomically; return its path."""
     text = yaml.safe_dump(dict(config_dict), sort_keys=False, default_flow_style=False)
     path = Path(out_dir) / "config.yaml"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
     return path
 
 
@@ -181,7 +149,7 @@ class CheckpointManager:
         if metric is not None and self._improves(float(metric)):
             best = {"metric": float(metric), "step": int(step), "mode": self.metric_mode}
             save_checkpoint({**state, "best": best}, self.out_dir / BEST_NAME)
-            _atomic_write(self.out_dir / BEST_JSON,
+            atomic_write(self.out_dir / BEST_JSON,
                           lambda handle: handle.write(json.dumps(best, indent=2).encode("utf-8")))
             self.best_metric, self.best_step = best["metric"], best["step"]
         self._prune(path)
