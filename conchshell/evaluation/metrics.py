@@ -126,7 +126,18 @@ class MeanMetric:
                 "n_failed": int(n_total - n_valid), "failure_reasons": dict(reasons)}
 
 
-class PESQ(MeanMetric):
+class PerceptualMetric(MeanMetric):
+    """A metric from an external scorer that may refuse an item (with a reason) instead of scoring it."""
+
+    def score(self, reference: Any, estimate: Any, sample_rate: int) -> tuple[float | None, str]:
+        raise NotImplementedError
+
+    def update(self, reference: Any, estimate: Any, sample_rate: int, item: str = "") -> float | None:
+        value, reason = self.score(reference, estimate, sample_rate)
+        return self.record(value, item, reason)
+
+
+class PESQ(PerceptualMetric):
     """Wide-band PESQ (P.862.2) of ``estimate`` against ``reference``."""
 
     name = "pesq"
@@ -166,12 +177,7 @@ class PESQ(MeanMetric):
             return None, "non-finite score"
         return value, ""
 
-    def update(self, reference: Any, estimate: Any, sample_rate: int, item: str = "") -> float | None:
-        value, reason = self.score(reference, estimate, sample_rate)
-        return self.record(value, item, reason)
-
-
-class STOI(MeanMetric):
+class STOI(PerceptualMetric):
     """STOI (or extended STOI) of ``estimate`` against ``reference``."""
 
     name = "stoi"
@@ -199,11 +205,6 @@ class STOI(MeanMetric):
         if not math.isfinite(value):
             return None, "non-finite score"
         return value, ""
-
-    def update(self, reference: Any, estimate: Any, sample_rate: int, item: str = "") -> float | None:
-        value, reason = self.score(reference, estimate, sample_rate)
-        return self.record(value, item, reason)
-
 
 class MelDistance(MeanMetric):
     """Mean |log10 mel(estimate) - log10 mel(reference)|; defaults are the paper's mel loss."""
