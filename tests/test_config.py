@@ -105,3 +105,12 @@ def test_round_trip_through_plain_dict():
 def test_shipped_configs_load(path):
     config = load_config(path)
     assert config.latent_length > 0
+
+
+def test_config_loss_defaults_are_the_library_paper_weights():
+    from conchshell.nn.losses import LossWeights
+    from conchshell.training.stages.gan import loss_weights
+
+    assert loss_weights(Config()) == LossWeights()
+    original = load_config(Path(__file__).parents[1] / "configs" / "original_code.yaml")
+    assert loss_weights(original) == LossWeights.original_code()

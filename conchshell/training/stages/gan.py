@@ -16,6 +16,8 @@ code, where they carry no gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,10 +52,8 @@ CLASS_SOURCES = ("label", "tcnn")
 
 
 def loss_weights(config: Config) -> LossWeights:
-    loss = config.loss
-    return LossWeights(lambda_g=loss.lambda_g, lambda_fm=loss.lambda_fm, lambda_wave=loss.lambda_wave,
-                       lambda_mel=loss.lambda_mel, lambda_latent=loss.lambda_latent,
-                       lambda_quantized_latent=loss.lambda_quantized_latent)
+    """The objective's weights from ``config.loss`` (same field names)."""
+    return LossWeights(**{f.name: getattr(config.loss, f.name) for f in dataclasses.fields(LossWeights)})
 
 
 def split_scales(outputs: list[list[Tensor]], first: int) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
