@@ -69,10 +69,11 @@ class CodebookQuantizer(nn.Module):
     def _nearest(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Index of the nearest code per row and the squared distance to it."""
         k_t = self.k.t()
-        distance = (
-            flat.pow(2).sum(dim=-1, keepdim=True) - 2 * flat @ k_t + k_t.pow(2).sum(dim=0, keepdim=True)
-        )
-        min_distance, codes = distance.min(dim=-1)
+        # ||x||^2 is the same for every code, so it is added after the search: one fused
+        # [N, bins] matmul-plus-bias instead of three full-size temporaries.
+        partial = torch.addmm(k_t.pow(2).sum(dim=0, keepdim=True), flat, k_t, alpha=-2)
+        min_partial, codes = partial.min(dim=-1)
+        min_distance = min_partial + flat.pow(2).sum(dim=-1)
         return codes, min_distance
 
     # ------------------------------------------------------------------ inference API
