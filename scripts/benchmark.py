@@ -52,8 +52,6 @@ from conchshell.models.factory import (  # noqa: E402
     build_generator_from_config,
 )
 from conchshell.models.frontend import ImageFrontend  # noqa: E402
-from conchshell.models.i3d import i3d_embedding  # noqa: E402
-from conchshell.models.pseudo_video import image_to_pseudo_video  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
@@ -141,7 +139,7 @@ def frozen_call(fn: Callable[[], Any], device: torch.device, precision: str) -> 
     return wrapped
 
 
-def measure_frontend(frontend: ImageFrontend, grouping: str, batch: int, precision: str,
+def measure_frontend(frontend: ImageFrontend, batch: int, precision: str,
                      device: torch.device, repeats: int, warmup: int
                      ) -> tuple[dict[str, Measured], torch.Tensor, torch.Tensor]:
     """TCNN time features -> I3D, and the TCNN class; also returns (features, class ids)."""
@@ -150,11 +148,10 @@ def measure_frontend(frontend: ImageFrontend, grouping: str, batch: int, precisi
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         return frozen_call(fn, device, precision)
 
-    time_features = measure(run(lambda: image_to_pseudo_video(frontend.tcnn, images, grouping)),
-                            device, repeats, warmup)
+    time_features = measure(run(lambda: frontend.pseudo_video(images)), device, repeats, warmup)
     video = time_features.timing.extra.pop("result")
-    tcnn_class = measure(run(lambda: frontend.tcnn.predict_class(images)), device, repeats, warmup)
-    i3d = measure(run(lambda: i3d_embedding(frontend.i3d, video).float()), device, repeats, warmup)
+    tcnn_class = measure(run(lambda: frontend.predict_class(images)), device, repeats, warmup)
+    i3d = measure(run(lambda: frontend.embed(video)), device, repeats, warmup)
     measured = {"tcnn_time_features": time_features, "tcnn_class": tcnn_class, "i3d": i3d}
     return measured, i3d.timing.extra.pop("result"), tcnn_class.timing.extra.pop("result")
 
@@ -228,7 +225,7 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 shared = key in frontend_results
                 if not shared:
                     measured, features, class_ids = measure_frontend(
-                        frontend, config.image.grouping, batch, precision, device, args.repeats, args.warmup)
+                        frontend, batch, precision, device, args.repeats, args.warmup)
                     summaries = {n: m.summary() for n, m in measured.items()}
                     frontend_results[key] = (summaries, features, class_ids)
                 front, features, class_ids = frontend_results[key]
