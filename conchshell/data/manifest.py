@@ -40,7 +40,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -213,20 +213,9 @@ def _parse_csv(path: Path) -> ParsedManifest:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"cannot read manifest {path}: {exc}") from exc
     table = [line for line in table if any(cell.strip() for cell in line)]
-    if not table:
-        parsed.problems.append(Problem("empty-manifest", str(path), "no header and no rows"))
+    column = _column_index(parsed, path, [[cell.strip() for cell in line] for line in table], CSV_REQUIRED, CSV_COLUMNS)
+    if column is None:
         return parsed
-    header = [cell.strip().lower() for cell in table[0]]
-    missing = [name for name in CSV_REQUIRED if name not in header]
-    if missing:
-        parsed.problems.append(
-            Problem("missing-column", str(path), f"missing column(s) {', '.join(missing)}; header is {','.join(header)}")
-        )
-        return parsed
-    if len(table) == 1:
-        parsed.problems.append(Problem("empty-manifest", str(path), "header only, no rows"))
-        return parsed
-    column = {name: header.index(name) for name in CSV_COLUMNS if name in header}
     for number, line in enumerate(table[1:], start=2):
         cells = {name: (line[i].strip() if i < len(line) else "") for name, i in column.items()}
         blank = [name for name in CSV_REQUIRED if not cells[name]]
@@ -293,20 +282,10 @@ def _parse_xlsx(path: Path, root: Path) -> ParsedManifest:
     parsed = ParsedManifest(source=path)
     root = root.absolute()
     table = [row for row in _load_sheet(path) if any(_cell_text(v) for v in row)]
-    if not table:
-        parsed.problems.append(Problem("empty-manifest", str(path), "no header and no rows"))
+    column = _column_index(parsed, path, [[_cell_text(v) for v in row] for row in table[:1]] + table[1:],
+                           XLSX_COLUMNS, XLSX_COLUMNS)
+    if column is None:
         return parsed
-    header = [_cell_text(v).lower() for v in table[0]]
-    missing = [name for name in XLSX_COLUMNS if name not in header]
-    if missing:
-        parsed.problems.append(
-            Problem("missing-column", str(path), f"missing column(s) {', '.join(missing)}; header is {','.join(header)}")
-        )
-        return parsed
-    if len(table) == 1:
-        parsed.problems.append(Problem("empty-manifest", str(path), "header only, no rows"))
-        return parsed
-    column = {name: header.index(name) for name in XLSX_COLUMNS}
     for number, values in enumerate(table[1:], start=2):
         cells = {name: _cell_text(values[i]) if i < len(values) else "" for name, i in column.items()}
         blank = [name for name in ("img_type", "img_npy_name", "muse_wav_name") if not cells[name]]
@@ -487,3 +466,23 @@ def write_manifest_csv(records: Iterable[Record], path: str | os.PathLike) -> Pa
             )
     os.replace(tmp, path)
     return path
+
+
+def _column_index(parsed: ParsedManifest, path: Path, table: list[list[Any]],
+                  required: Sequence[str], known: Sequence[str]) -> dict[str, int] | None:
+    """Column positions from the header row of a non-blank ``table``, or None after recording
+    why the table has no usable rows (empty, a required column missing, header only)."""
+    if not table:
+        parsed.problems.append(Problem("empty-manifest", str(path), "no header and no rows"))
+        return None
+    header = [str(cell).lower() for cell in table[0]]
+    missing = [name for name in required if name not in header]
+    if missing:
+        parsed.problems.append(
+            Problem("missing-column", str(path), f"missing column(s) {', '.join(missing)}; header is {','.join(header)}")
+        )
+        return None
+    if len(table) == 1:
+        parsed.problems.append(Problem("empty-manifest", str(path), "header only, no rows"))
+        return None
+    return {name: header.index(name) for name in known if name in header}

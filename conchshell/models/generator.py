@@ -276,30 +276,12 @@ class ConchShellGenerator(nn.Module):
         return self.body_forward(self.condition(features, class_ids))
 
 
-def build_generator(
-    level: str,
-    *,
-    latent_length: int,
-    feature_dim: int = 2048,
-    num_classes: int = 6,
-    class_dim: int = 256,
-    latent_channels: int = 64,
-    width: float = 1.0,
-    signal_length: int | None = None,
-) -> ConchShellGenerator:
+def build_generator(level: str, **hparams: Any) -> ConchShellGenerator:
     """Build the ``high``, ``low`` or ``deep`` generator; the defaults reproduce the paper.
 
-    ``latent_length`` is ``clip_seconds * sample_rate / hop`` of the codec level (1000, 4000
-    and 16000 frames for 8 s at 16 kHz). Raises ConfigError for an unknown level or sizes
-    the architecture cannot honour (the message gives the minimum).
+    Keyword arguments are those of :class:`ConchShellGenerator` (``latent_length`` is
+    required: ``clip_seconds * sample_rate / hop`` of the codec level, i.e. 1000, 4000 and
+    16000 frames for 8 s at 16 kHz). Raises ConfigError for an unknown level or sizes the
+    architecture cannot honour (the message gives the minimum).
     """
-    return ConchShellGenerator(
-        level,
-        latent_length=latent_length,
-        feature_dim=feature_dim,
-        num_classes=num_classes,
-        class_dim=class_dim,
-        latent_channels=latent_channels,
-        width=width,
-        signal_length=signal_length,
-    )
+    return ConchShellGenerator(level, **hparams)
