@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conchshell.constants import CLASS_NAMES, CLIP_SECONDS  # noqa: E402
+from conchshell.data.audio import load_audio  # noqa: E402
 from conchshell.errors import ConchShellError, DataError  # noqa: E402
 
 EVAL_RATE = 16_000
@@ -67,20 +68,7 @@ class EvalItem:
 
 def read_clip(path: Path, sample_rate: int = EVAL_RATE) -> np.ndarray:
     """A file as stored: mono (channel mean) float32 at ``sample_rate``; no level change."""
-    import soundfile as sf
-
-    from conchshell.evaluation.metrics import resample
-
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile reports every decoding problem as its own error type
-        raise DataError(f"cannot read audio {path}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from exc
-    if data.shape[0] == 0:
-        raise DataError(f"audio {path} holds no samples")
-    if not np.isfinite(data).all():
-        raise DataError(f"audio {path} contains NaN or infinite samples")
-    mono = data.mean(axis=1, dtype=np.float32)
-    return resample(mono, rate, sample_rate).astype(np.float32, copy=False)
+    return load_audio(path, sample_rate, normalize=False)
 
 
 def pair_directories(generated: Path, reference: Path) -> tuple[list[EvalItem], list[str], list[str]]:
@@ -140,7 +128,6 @@ def attach_targets(items: list[EvalItem], labels: dict[str, int]) -> int:
 
 def classifier_from_manifest(records: list, clip_seconds: float, out_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Train the class-consistency classifier on the train split's reference pieces and save it."""
-    from conchshell.data.audio import load_audio
     from conchshell.data.manifest import select_split
     from conchshell.evaluation import fit_audio_classifier, reference_windows, save_audio_classifier
 

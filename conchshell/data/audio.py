@@ -20,11 +20,12 @@ from conchshell.errors import DataError
 SILENCE_PEAK = 1e-6
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+def load_audio(path: str | os.PathLike, sample_rate: int, normalize: bool = True) -> np.ndarray:
     """Decode any soundfile-readable file to mono float32 at ``sample_rate``, peak 1.
 
     Channels are averaged; the rate is converted with soxr's high-quality filter; the
-    result is scaled so its largest absolute sample is 1 (silence stays silence).
+    result is scaled so its largest absolute sample is 1 (silence stays silence), unless
+    ``normalize`` is False (evaluation scores files at the level they were written).
     Raises :class:`DataError` naming the file when it is missing, cannot be decoded,
     holds no samples, or holds NaN/inf.
     """
@@ -42,7 +43,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
     mono = data.mean(axis=1, dtype=np.float32)
     if source_rate != sample_rate:
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ").astype(np.float32, copy=False)
-    return peak_normalize(mono)
+    return peak_normalize(mono) if normalize else mono
 
 
 def peak_normalize(x: np.ndarray) -> np.ndarray:
