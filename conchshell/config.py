@@ -145,6 +145,13 @@ class TrainConfig:
     num_eval_samples: int = 4
     # vqvae stage: which codec levels to train.
     vqvae_levels: list[int] = field(default_factory=lambda: [0])
+    # vqvae stage: train on random windows of this many seconds of each clip (Jukebox trains
+    # its VQ-VAE on short windows too); None = whole clips. Validation always sees whole clips.
+    vqvae_segment_seconds: float | None = None
+    # gan stage: the discriminator and the wave/mel losses see a random window of this many
+    # seconds of each generated latent and its clip (HiFi-GAN-style segment training; the
+    # generator still produces whole 8 s latents). None = whole clips, as in the paper.
+    gan_segment_seconds: float | None = None
     # Validate on at most this many items of the val split (the first ones, in manifest
     # order); None = the whole split. Keeps smoke tests and CPU runs affordable.
     max_val_items: int | None = None
@@ -165,8 +172,12 @@ class Config:
     @property
     def hop_length(self) -> int:
         """Audio samples per latent frame at the configured codec level."""
+        return self.level_hop(self.codec.level)
+
+    def level_hop(self, level: int) -> int:
+        """Codec samples per latent frame of codec level ``level``."""
         hop = 1
-        for down, stride in list(zip(self.codec.downs_t, self.codec.strides_t))[: self.codec.level + 1]:
+        for down, stride in list(zip(self.codec.downs_t, self.codec.strides_t))[: level + 1]:
             hop *= stride**down
         return hop
 

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conchshell.config import load_config
+from conchshell.errors import ConfigError
 from conchshell.training.distributed import DistInfo, cleanup_distributed, setup_distributed
 from conchshell.training.optim import gan_optimisers, multi_stage
 from conchshell.training.stages import NonFiniteLossError, build_stage
@@ -225,3 +226,50 @@ def test_resumable_sampler_continues_the_same_epoch_order():
     for sampler in ranks:
         sampler.set_epoch(2)
     assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
+
+
+def test_vqvae_stage_trains_on_random_hop_aligned_windows_of_each_clip():
+    config = tiny("train.stage=vqvae", "train.vqvae_segment_seconds=0.25")
+    stage = build_stage(config, CPU)
+    clips = torch.randn(3, 1, config.clip_samples)
+    torch.manual_seed(0)
+    windows = stage.training_audio({"audio": clips})
+    segment = round(0.25 * config.codec_rate)
+    assert windows.shape == (3, 1, segment)
+    hop = config.level_hop(0)
+    for clip, window in zip(clips, windows):
+        starts = [s for s in range(0, clip.shape[-1] - segment + 1, hop)
+                  if torch.equal(clip[..., s:s + segment], window)]
+        assert len(starts) == 1
+    torch.manual_seed(0)
+    assert torch.equal(stage.training_audio({"audio": clips}), windows)  # drawn from the torch RNG
+
+
+@pytest.mark.parametrize("seconds", ["0", "10.0", "0.2501"])
+def test_vqvae_segment_must_fit_the_clip_and_the_hop(seconds):
+    with pytest.raises(ConfigError, match="vqvae_segment_seconds"):
+        build_stage(tiny("train.stage=vqvae", f"train.vqvae_segment_seconds={seconds}"), CPU)
+
+
+def test_gan_windows_cut_the_same_frames_of_latents_and_clips():
+    config = tiny("train.gan_segment_seconds=0.25")
+    stage = fresh_gan_stage(config)
+    frames, per_frame = config.latent_length, config.clip_samples // config.latent_length
+    # Frame t of the latent holds t; samples of frame t hold t too: aligned windows agree.
+    latent = torch.arange(frames, dtype=torch.float32).expand(3, 4, frames)
+    audio = torch.arange(frames, dtype=torch.float32).repeat_interleave(per_frame).expand(3, 1, -1)
+    torch.manual_seed(1)
+    starts = stage.draw_windows(3)
+    windows = stage.window_latent(latent, starts)
+    clips = stage.window_audio(audio, starts)
+    assert windows.shape == (3, 4, stage.window_frames) and stage.window_frames == frames // 2
+    assert clips.shape == (3, 1, stage.window_frames * per_frame)
+    torch.testing.assert_close(clips[:, :, ::per_frame], windows[:, :1])
+    losses = stage.train_step([synthetic_batch(config)])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("seconds", ["0", "1.0", "0.2501"])
+def test_gan_segment_must_be_whole_frames_within_the_clip(seconds):
+    with pytest.raises(ConfigError, match="gan_segment_seconds"):
+        fresh_gan_stage(tiny(f"train.gan_segment_seconds={seconds}"))

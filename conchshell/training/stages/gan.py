@@ -10,6 +10,10 @@ generator targets is ever encoded). One step (DESIGN.md section 3):
    wave and mel L1 of ``quantized_audio(codec, fake)`` against the real clip, and the
    released code's latent L1 terms; terms whose weight is 0 are not computed.
 
+With ``train.gan_segment_seconds`` both steps see one random window per item (same
+frames of the real latent, the fake latent and the clip) instead of whole clips; the
+generator still produces whole latents and validation scores whole clips.
+
 With ``loss.straight_through`` the wave/mel terms reach the generator through the
 straight-through quantiser and the frozen decoder; without it they reproduce the released
 code, where they carry no gradient.
@@ -83,6 +87,8 @@ class GanStage(Stage):
         if all(weight == 0.0 for weight in self.weights.by_term().values()):
             raise ConfigError("every generator loss weight (loss.lambda_*) is 0: nothing to train")
         self.clip_samples = config.clip_samples
+        self.window_frames = self._window_frames(config)
+        self.samples_per_frame = config.clip_samples // config.latent_length
         self.generator = build_generator_from_config(config).to(self.device)
         self.discriminator = build_discriminator_from_config(config).to(self.device)
         self.codec = build_codec(config).to(self.device)
@@ -94,6 +100,41 @@ class GanStage(Stage):
         self._frontend: ImageFrontend | None = None
         # Validation images never change and the frontend is frozen: compute their features once.
         self._val_conditioning: dict[int, tuple[Tensor, Tensor]] = {}
+
+    @staticmethod
+    def _window_frames(config: Config) -> int | None:
+        seconds = config.train.gan_segment_seconds
+        if seconds is None:
+            return None
+        frames = seconds * config.latent_length / config.data.clip_seconds
+        if not 0 < seconds <= config.data.clip_seconds or abs(frames - round(frames)) > 1e-6:
+            raise ConfigError(f"train.gan_segment_seconds must be in (0, {config.data.clip_seconds}] and a whole "
+                              f"number of latent frames ({config.data.clip_seconds / config.latent_length:g} s "
+                              f"each), got {seconds}")
+        if config.clip_samples % config.latent_length:
+            raise ConfigError("train.gan_segment_seconds needs a whole number of clip samples per latent frame "
+                              f"({config.clip_samples} samples, {config.latent_length} frames)")
+        return round(frames)
+
+    # ------------------------------------------------------------------ windows
+    def draw_windows(self, batch_size: int) -> Tensor | None:
+        """Start frame of each item's training window (None: whole clips). Drawn from the
+        checkpointed torch RNG, so a resumed run draws the same windows."""
+        if self.window_frames is None:
+            return None
+        return torch.randint(0, self.config.latent_length - self.window_frames + 1, (batch_size,))
+
+    def window_latent(self, latent: Tensor, starts: Tensor | None) -> Tensor:
+        if starts is None:
+            return latent
+        return torch.stack([item[:, s:s + self.window_frames] for item, s in zip(latent, starts.tolist())])
+
+    def window_audio(self, audio: Tensor, starts: Tensor | None) -> Tensor:
+        if starts is None:
+            return audio
+        size = self.window_frames * self.samples_per_frame
+        return torch.stack([item[:, s * self.samples_per_frame:s * self.samples_per_frame + size]
+                            for item, s in zip(audio, starts.tolist())])
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -146,7 +187,7 @@ class GanStage(Stage):
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
         if w.lambda_wave or w.lambda_mel:
             with torch.autocast(device_type=self.device.type, enabled=False):
-                fake_audio = quantized_audio(self.codec, fake.float(), self.clip_samples,
+                fake_audio = quantized_audio(self.codec, fake.float(), audio.shape[-1],
                                              self.config.loss.straight_through)
             if w.lambda_wave:
                 terms["wave"] = F.l1_loss(fake_audio, audio)
@@ -174,14 +215,16 @@ class GanStage(Stage):
         for index, batch in enumerate(micro_batches):
             batch = to_device(batch, self.device)
             features, class_ids = self.conditioning(batch, self.config.image.train_class_source)
-            real = self.real_latent(batch["audio"])
+            starts = self.draw_windows(batch["audio"].shape[0])
+            real = self.window_latent(self.real_latent(batch["audio"]), starts)
             with self.autocast(), torch.set_grad_enabled(keep_graph):
-                fake = (self.g if keep_graph else self.generator)(features, class_ids)
+                fake = self.window_latent((self.g if keep_graph else self.generator)(features, class_ids), starts)
             with self.sync_gradients(self.d, index == accum - 1):
                 d_loss = self.discriminator_loss(real, fake) / accum
                 d_loss.backward()
             d_total += d_loss.detach()
-            prepared.append((batch["audio"], features, class_ids, real, fake if keep_graph else None))
+            prepared.append((self.window_audio(batch["audio"], starts), features, class_ids, real,
+                             fake if keep_graph else None, starts))
         self.check_finite({"discriminator": d_total})
         clip_gradients(self.discriminator, self.config.optim.grad_clip)
         self.optimizers["discriminator"].step()
@@ -191,11 +234,11 @@ class GanStage(Stage):
         g_total = torch.zeros((), device=self.device)
         self.discriminator.requires_grad_(False)
         try:
-            for index, (audio, features, class_ids, real, fake) in enumerate(prepared):
+            for index, (audio, features, class_ids, real, fake, starts) in enumerate(prepared):
                 with self.sync_gradients(self.g, index == accum - 1):
                     if fake is None:
                         with self.autocast():
-                            fake = self.g(features, class_ids)
+                            fake = self.window_latent(self.g(features, class_ids), starts)
                     terms = self.generator_terms(fake, real, audio)
                     g_loss = generator_objective(terms, self.weights) / accum
                     # All terms can be gradient-free (wave/mel only, straight_through off:

@@ -46,14 +46,15 @@ class VqvaeStage(Stage):
         self.use_bf16 = False
         self.vqvae = build_vqvae(config, load_weights=False).to(self.device).train()
         self.levels = self._check_levels(config)
+        segment = config.train.vqvae_segment_seconds
+        self.segment_samples = round(segment * config.codec_rate) if segment is not None else None
         # Levels that are not trained get no gradients: DDP and the optimiser skip them.
         for level in range(self.vqvae.levels):
             if level not in self.levels:
                 self.vqvae.encoders[level].requires_grad_(False)
                 self.vqvae.decoders[level].requires_grad_(False)
-        codec_rate = config.codec.sample_rate if config.codec.resample else config.data.sample_rate
-        self.to_codec: nn.Module = (Resample(config.data.sample_rate, codec_rate).to(self.device)
-                                    if codec_rate != config.data.sample_rate else nn.Identity())
+        self.to_codec: nn.Module = (Resample(config.data.sample_rate, config.codec_rate).to(self.device)
+                                    if config.codec_rate != config.data.sample_rate else nn.Identity())
         self.models = {"vqvae": self.vqvae}
         # The quantiser all-reduces its own EMA statistics, so every replica's codebook is
         # identical already; broadcasting buffers every forward would only cost time.
@@ -72,16 +73,36 @@ class VqvaeStage(Stage):
         if not levels or len(set(levels)) != len(levels) or not all(0 <= L < config.codec.levels for L in levels):
             raise ConfigError(f"train.vqvae_levels must be distinct levels of the codec's "
                               f"{config.codec.levels} (0..{config.codec.levels - 1}), got {levels}")
-        codec_rate = config.codec.sample_rate if config.codec.resample else config.data.sample_rate
-        samples = round(config.data.clip_seconds * codec_rate)
         for level in levels:
-            hop = 1
-            for down, stride in list(zip(config.codec.downs_t, config.codec.strides_t))[: level + 1]:
-                hop *= stride**down
-            if samples % hop:
-                raise ConfigError(f"data.clip_seconds gives {samples} codec samples, not a multiple of "
-                                  f"the level-{level} hop {hop}")
+            hop = config.level_hop(level)
+            for name, samples in VqvaeStage._sample_counts(config).items():
+                if samples % hop:
+                    raise ConfigError(f"{name} gives {samples} codec samples, not a multiple of "
+                                      f"the level-{level} hop {hop}")
         return sorted(levels)
+
+    @staticmethod
+    def _sample_counts(config: Config) -> dict[str, int]:
+        counts = {"data.clip_seconds": round(config.data.clip_seconds * config.codec_rate)}
+        segment = config.train.vqvae_segment_seconds
+        if segment is not None:
+            if not 0 < segment <= config.data.clip_seconds:
+                raise ConfigError(f"train.vqvae_segment_seconds must be in (0, data.clip_seconds="
+                                  f"{config.data.clip_seconds}], got {segment}")
+            counts["train.vqvae_segment_seconds"] = round(segment * config.codec_rate)
+        return counts
+
+    def training_audio(self, batch: Batch) -> Tensor:
+        """The batch's clips at the codec rate, cut to random training windows when
+        ``train.vqvae_segment_seconds`` is set (window starts on a multiple of the coarsest
+        trained hop, drawn from the checkpointed torch RNG so resumes repeat them)."""
+        audio = self.to_codec(to_device(batch, self.device)["audio"])
+        if self.segment_samples is None or self.segment_samples >= audio.shape[-1]:
+            return audio
+        hop = self.config.level_hop(max(self.levels))
+        starts = torch.randint(0, (audio.shape[-1] - self.segment_samples) // hop + 1, (audio.shape[0],)) * hop
+        return torch.stack([clip[..., start:start + self.segment_samples]
+                            for clip, start in zip(audio, starts.tolist())])
 
     def reconstruction_terms(self, reconstruction: Tensor, audio: Tensor) -> dict[str, Tensor]:
         loss = self.config.loss
@@ -108,7 +129,7 @@ class VqvaeStage(Stage):
             logged[name] = logged.get(name, 0.0) + value.detach() / accum
 
         for index, batch in enumerate(micro_batches):
-            audio = self.to_codec(to_device(batch, self.device)["audio"])
+            audio = self.training_audio(batch)
             with self.sync_gradients(self.model, index == accum - 1):
                 out = self.model(audio, levels=self.levels)
                 total = torch.zeros((), device=self.device)
