@@ -1,31 +1,41 @@
 """Score generated music against references: PESQ, STOI, spectral distances, class consistency.
 
-    python scripts/evaluate.py --generated DIR --reference DIR [--out DIR]
+    python scripts/evaluate.py --generated DIR --reference DIR [--untrained DIR] [--out DIR]
         [--checkpoint G.pt] [--data MANIFEST | --labels CSV] [--classifier PATH]
-    python scripts/evaluate.py --checkpoint G.pt --data MANIFEST [--split val] [--limit N] [--out DIR]
+    python scripts/evaluate.py --checkpoint G.pt --data MANIFEST [--split val] [--limit N]
+        [--untrained-baseline] [--seed N] [--out DIR]
 
-Directory mode pairs ``--generated`` and ``--reference`` files by file name (.wav/.flac).
+Directory mode pairs ``--generated`` and ``--reference`` files by file name (.wav/.flac);
+``--untrained`` is a folder of clips with the same names, scored as the untrained baseline.
 Checkpoint mode first generates one clip per image of the manifest's split (the image's
 paired piece, centre window, peak-normalised, is the reference), writes them to
 ``OUT/generated``, ``OUT/reference`` and ``OUT/codec`` plus ``OUT/labels.csv``, then scores
 those files exactly as directory mode would, so ``--generated OUT/generated --reference
-OUT/reference --labels OUT/labels.csv`` reproduces the numbers.
+OUT/reference --labels OUT/labels.csv`` (plus ``--untrained OUT/untrained`` for the baseline,
+and ``--classifier OUT/audio_classifier.pt`` for class consistency) reproduces the numbers.
+``--untrained-baseline`` also generates with an untrained generator of the checkpoint's
+architecture (fresh weights drawn after ``torch.manual_seed(--seed)``, same frontend, TCNN
+class, codec and ``--class-source``) into ``OUT/untrained``: the floor the trained model
+must clearly beat, scored as the system "untrained_generator".
 
 All audio is read as stored (no normalisation), mixed to mono, resampled to 16 kHz when
 needed (soxr HQ) and trimmed to the shorter of each pair. Scores (see
 conchshell.evaluation.metrics): wide-band PESQ and STOI, as in the paper's Table 2;
-log-mel L1 and multi-resolution STFT distance; with a checkpoint, the same scores for
-codec(reference) vs reference, the ceiling the generator can reach through its codec;
-class consistency: an audio classifier trained on the reference clips of the manifest's
-train split (or ``--classifier``) predicts each clip's class, compared with the image's
-class (``--labels`` CSV ``name,class``, or the manifest) and with chance (1/6). Without
-labels the target is the classifier's prediction for the reference clip (agreement).
+log-mel L1 and multi-resolution STFT distance; the same scores for every other system:
+the untrained generator when given, and with a checkpoint codec(reference) vs reference,
+the ceiling the generator can reach through its codec; class consistency: an audio
+classifier trained on the reference clips of the manifest's train split (or
+``--classifier``) predicts each clip's class (every system's, and the reference's),
+compared with the image's class (``--labels`` CSV ``name,class``, or the manifest) and with
+chance (1/6). Without labels the target is the classifier's prediction for the reference
+clip (agreement).
 
 PESQ cannot score clips it finds no "utterance" in (often music or silence): such items
 are counted and listed, never crash the run and never enter the mean; the table shows
 valid/total. Writes OUT/metrics.json, OUT/metrics.csv (one row per system and metric)
-and OUT/items.csv (per item). Exit status 1 when some item could not be read or
-generated (the report is still written), 0 otherwise.
+and OUT/items.csv (per item; the other systems' columns are prefixed ``untrained_`` and
+``ceiling_``). Exit status 1 when some item could not be read or generated, or lacks its
+``--untrained`` clip (the report is still written), 0 otherwise.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ import json
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +64,30 @@ METRICS = ("pesq", "stoi", "mel_l1", "mrstft")
 METRIC_TITLES = {"pesq": "PESQ", "stoi": "STOI", "mel_l1": "mel L1", "mrstft": "MR-STFT"}
 
 
+@dataclass(frozen=True)
+class System:
+    """How one scored system is named in the table, on disk and in items.csv."""
+
+    title: str  # row of the printed table
+    folder: str  # checkpoint mode writes its clips to OUT/<folder>; directory mode reads --<folder> DIR
+    prefix: str  # of its per-item columns in items.csv
+
+
+# Every system scored against the references, in report order. "generated" is always there;
+# the others only when some item has a clip for them (EvalItem.others).
+SYSTEMS = {
+    "generated": System("generated", "generated", ""),
+    "untrained_generator": System("untrained generator", "untrained", "untrained_"),
+    "codec_ceiling": System("codec ceiling", "codec", "ceiling_"),
+}
+
+
 @dataclass
 class EvalItem:
     name: str
     reference: Path
     generated: Path
-    codec: Path | None = None
+    others: dict[str, Path] = field(default_factory=dict)  # SYSTEMS key -> clip, besides "generated"
     target: int | None = None  # class id the clip should sound like, when known
 
 
@@ -71,9 +99,18 @@ def read_clip(path: Path, sample_rate: int = EVAL_RATE) -> np.ndarray:
     return load_audio(path, sample_rate, normalize=False)
 
 
-def pair_directories(generated: Path, reference: Path) -> tuple[list[EvalItem], list[str], list[str]]:
-    """Items present in both folders (by file name), and the names found on one side only."""
-    for folder, what in ((generated, "--generated"), (reference, "--reference")):
+def pair_directories(generated: Path, reference: Path, others: dict[str, Path] | None = None
+                     ) -> tuple[list[EvalItem], dict[str, list[str]], list[dict]]:
+    """Items whose file name is in both ``generated`` and ``reference``, each with its clip from
+    the folder of every system in ``others`` (SYSTEMS key -> folder).
+
+    Also returns the names that were left unpaired, and an error for each item that one of
+    ``others`` lacks (the item is still scored for the systems it has).
+    """
+    others = others or {}
+    flags = [(generated, "--generated"), (reference, "--reference"),
+             *((folder, f"--{SYSTEMS[system].folder}") for system, folder in others.items())]
+    for folder, what in flags:
         if not folder.is_dir():
             raise DataError(f"{what} folder not found: {folder}")
 
@@ -84,8 +121,16 @@ def pair_directories(generated: Path, reference: Path) -> tuple[list[EvalItem], 
     names = sorted(set(gen) & set(ref))
     if not names:
         raise DataError(f"no file name is in both {generated} and {reference} ({', '.join(AUDIO_SUFFIXES)} files)")
-    items = [EvalItem(name, ref[name], gen[name]) for name in names]
-    return items, sorted(set(gen) - set(ref)), sorted(set(ref) - set(gen))
+    listings = {system: listing(folder) for system, folder in others.items()}
+    items = [EvalItem(name, ref[name], gen[name], {system: files[name] for system, files in listings.items()
+                                                   if name in files}) for name in names]
+    unpaired = {"generated_only": sorted(set(gen) - set(ref)), "reference_only": sorted(set(ref) - set(gen))}
+    errors = []
+    for system, files in listings.items():
+        unpaired[f"{SYSTEMS[system].folder}_only"] = sorted(set(files) - set(names))
+        errors += [{"item": name, "error": f"no {SYSTEMS[system].title} clip of this name in {others[system]}"}
+                   for name in names if name not in files]
+    return items, unpaired, errors
 
 
 def read_labels(path: Path) -> dict[str, int]:
@@ -161,31 +206,58 @@ def load_classifier(path: Path) -> tuple[Any, dict[str, Any]]:
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_clips(model: Any, records: list, out_dir: Path, class_source: str) -> tuple[list[EvalItem], list[dict]]:
-    """Generate, and write generated/reference/codec wavs and labels.csv under ``out_dir``."""
+def untrained_twin(model: Any, seed: int) -> Any:
+    """``model`` with its generator replaced by a freshly initialised one of the same architecture.
+
+    Same frontend (so the same TCNN class) and codec: only the training differs, which makes
+    it the baseline the trained generator has to beat. Seeded here, so its weights do not
+    depend on what was built before it.
+    """
+    import torch
+
+    from conchshell.inference import ImageToMusic
+    from conchshell.models.generator import build_generator
+
+    torch.manual_seed(seed)
+    # hparams is the export's generator_hparams as rebuilt by load_generator_export.
+    generator = build_generator(**model.generator.hparams)
+    meta = {"checkpoint": f"the untrained generator (architecture of {model.meta.get('checkpoint')}, seed {seed})"}
+    return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels)
+
+
+def generate_clips(models: dict[str, Any], records: list, out_dir: Path, class_source: str
+                   ) -> tuple[list[EvalItem], list[dict]]:
+    """Generate with every model (SYSTEMS key -> ImageToMusic), and write each system's wavs,
+    the reference wavs and labels.csv under ``out_dir``.
+
+    ``models["generated"]`` is the trained model: its codec gives the codec ceiling and its
+    TCNN the labels' ``tcnn_prediction``.
+    """
     from tqdm import tqdm
 
     from conchshell.data.audio import center_crop_or_pad, load_audio
     from conchshell.inference import ensure_writable_dir, write_wav
 
-    folders = {kind: ensure_writable_dir(out_dir / kind) for kind in ("generated", "reference", "codec")}
+    trained = models["generated"]
+    folders = {kind: ensure_writable_dir(out_dir / SYSTEMS[kind].folder) for kind in (*models, "codec_ceiling")}
+    folders["reference"] = ensure_writable_dir(out_dir / "reference")
     items: list[EvalItem] = []
     errors: list[dict] = []
     label_rows = []
     for index, record in enumerate(tqdm(records, unit="clip", dynamic_ncols=True, desc="generating")):
         name = f"{index:05d}_{record.image.stem}.wav"
+        override = record.class_id if class_source == "label" else None
         try:
-            result = model.run(record.image, class_override=record.class_id if class_source == "label" else None)
-            reference = center_crop_or_pad(load_audio(record.audio, model.sample_rate), model.clip_samples)
-            write_wav(folders["generated"] / name, result.waveform, model.sample_rate)
-            write_wav(folders["reference"] / name, reference, model.sample_rate)
-            write_wav(folders["codec"] / name, model.reconstruct(reference), model.sample_rate)
+            results = {system: model.run(record.image, class_override=override) for system, model in models.items()}
+            reference = center_crop_or_pad(load_audio(record.audio, trained.sample_rate), trained.clip_samples)
+            clips = {**{system: result.waveform for system, result in results.items()},
+                     "codec_ceiling": trained.reconstruct(reference), "reference": reference}
+            paths = {kind: write_wav(folders[kind] / name, clip, trained.sample_rate) for kind, clip in clips.items()}
         except ConchShellError as exc:
             errors.append({"item": str(record.image), "error": str(exc)})
             continue
-        label_rows.append((name, CLASS_NAMES[record.class_id], CLASS_NAMES[result.predicted_class_id]))
-        items.append(EvalItem(name, folders["reference"] / name, folders["generated"] / name,
-                              folders["codec"] / name, record.class_id))
+        label_rows.append((name, CLASS_NAMES[record.class_id], CLASS_NAMES[results["generated"].predicted_class_id]))
+        items.append(EvalItem(name, paths.pop("reference"), paths.pop("generated"), paths, record.class_id))
     with open(out_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(("name", "class", "tcnn_prediction"))
@@ -197,12 +269,13 @@ def codec_reconstructions(model: Any, items: list[EvalItem], out_dir: Path) -> l
     """Write codec(reference) for directory mode under ``out_dir/codec``."""
     from conchshell.inference import ensure_writable_dir, write_wav
 
-    folder = ensure_writable_dir(out_dir / "codec")
+    folder = ensure_writable_dir(out_dir / SYSTEMS["codec_ceiling"].folder)
     errors = []
     for item in items:
         try:
             reference = read_clip(item.reference, model.sample_rate)
-            item.codec = write_wav(folder / item.name, model.reconstruct(reference), model.sample_rate)
+            item.others["codec_ceiling"] = write_wav(folder / item.name, model.reconstruct(reference),
+                                                     model.sample_rate)
         except ConchShellError as exc:
             errors.append({"item": item.name, "error": str(exc)})
     return errors
@@ -212,7 +285,7 @@ def codec_reconstructions(model: Any, items: list[EvalItem], out_dir: Path) -> l
 
 
 class SystemScores:
-    """The four signal metrics for one system (generated, or codec ceiling) against references."""
+    """The four signal metrics for one system (one of SYSTEMS) against references."""
 
     def __init__(self) -> None:
         from conchshell.evaluation import PESQ, STOI, MelDistance, MultiResolutionSTFT
@@ -244,26 +317,23 @@ def score_items(items: list[EvalItem], classifier: Any | None) -> tuple[dict[str
 
     from conchshell.evaluation import ClassConsistency
 
-    with_codec = any(item.codec is not None for item in items)
-    systems = {"generated": SystemScores()}
-    if with_codec:
-        systems["codec_ceiling"] = SystemScores()
-    consistency = {name: ClassConsistency() for name in ("generated", "codec_ceiling", "reference")}
+    present = [system for system in SYSTEMS if system == "generated" or any(system in item.others for item in items)]
+    systems = {system: SystemScores() for system in present}
+    consistency = {kind: ClassConsistency() for kind in (*present, "reference")}
     use_labels = any(item.target is not None for item in items)
     rows, errors = [], []
     for item in tqdm(items, unit="clip", dynamic_ncols=True, desc="scoring"):
         try:
             reference = read_clip(item.reference)
-            clips = {"generated": read_clip(item.generated)}
-            if with_codec and item.codec is not None:
-                clips["codec_ceiling"] = read_clip(item.codec)
+            clips = {"generated": read_clip(item.generated),
+                     **{system: read_clip(path) for system, path in item.others.items()}}
         except ConchShellError as exc:
             errors.append({"item": item.name, "error": str(exc)})
             continue
         row: dict[str, Any] = {"name": item.name}
         for system, clip in clips.items():
             for key, value in systems[system].update(item.name, reference, clip).items():
-                row[key if system == "generated" else f"ceiling_{key}"] = value
+                row[SYSTEMS[system].prefix + key] = value
         if classifier is not None:
             predictions = {kind: int(classifier.predict(clip.reshape(1, -1))[0])
                            for kind, clip in {**clips, "reference": reference}.items()}
@@ -277,8 +347,7 @@ def score_items(items: list[EvalItem], classifier: Any | None) -> tuple[dict[str
     summary: dict[str, Any] = {system: scores.compute() for system, scores in systems.items()}
     if classifier is not None:
         for kind, metric in consistency.items():
-            if kind in summary or kind == "reference":
-                summary.setdefault(kind, {})["class_consistency"] = metric.compute()
+            summary.setdefault(kind, {})["class_consistency"] = metric.compute()
     failures = {system: scores.failures() for system, scores in systems.items()}
     return {"systems": summary, "failures": failures,
             "class_target": None if classifier is None else ("label" if use_labels else "reference_prediction")
@@ -303,7 +372,7 @@ def format_table(report: dict[str, Any]) -> str:
     """A plain-text table in the spirit of the paper's Table 2, one row per system."""
     header = ["system", "PESQ (valid/n)", "STOI (valid/n)", "mel L1", "MR-STFT", "class acc (correct/n)"]
     lines = []
-    titles = {"generated": "generated", "codec_ceiling": "codec ceiling", "reference": "reference"}
+    titles = {**{system: spec.title for system, spec in SYSTEMS.items()}, "reference": "reference"}
     for system, scores in report["systems"].items():
         lines.append([titles.get(system, system), _cell(scores.get("pesq"), 3, True), _cell(scores.get("stoi"), 3, True),
                       _cell(scores.get("mel_l1"), 3, False), _cell(scores.get("mrstft"), 3, False),
@@ -312,11 +381,12 @@ def format_table(report: dict[str, Any]) -> str:
     text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + lines]
     text.insert(1, "  ".join("-" * width for width in widths))
     notes = []
-    pesq = report["systems"]["generated"]["pesq"]
-    if pesq["n_failed"]:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in pesq["failure_reasons"].items())
-        notes.append(f"PESQ could not score {pesq['n_failed']} of {pesq['n_total']} generated clips ({reasons}); "
-                     "they are not in the mean")
+    for system, scores in report["systems"].items():
+        pesq = scores.get("pesq")
+        if pesq and pesq["n_failed"]:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in pesq["failure_reasons"].items())
+            notes.append(f"PESQ could not score {pesq['n_failed']} of {pesq['n_total']} {titles[system]} clips "
+                         f"({reasons}); they are not in the mean")
     if report.get("class_target"):
         target = "the image's class" if report["class_target"] == "label" else "the reference clip's predicted class"
         notes.append(f"class acc: audio classifier's prediction vs {target}; chance = {1 / len(CLASS_NAMES):.3f}")
@@ -369,6 +439,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--generated", type=Path, help="folder of generated clips (directory mode)")
     parser.add_argument("--reference", type=Path, help="folder of reference clips with the same file names")
+    parser.add_argument("--untrained", type=Path, help="directory mode: folder of the untrained generator's clips "
+                        "with the same file names (checkpoint mode's OUT/untrained)")
     parser.add_argument("--checkpoint", type=Path, help="generator export: generates (with --data), "
                         "and gives the codec for the reconstruction ceiling")
     parser.add_argument("--data", type=Path, help="dataset manifest (CSV or Label.xlsx)")
@@ -378,15 +450,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classifier", type=Path, help="audio classifier file (default: train one on --data's train split)")
     parser.add_argument("--class-source", choices=("tcnn", "label"), default="tcnn",
                         help="checkpoint mode: condition on the TCNN's prediction (as inference does) or the label")
+    parser.add_argument("--untrained-baseline", action="store_true",
+                        help="checkpoint mode: also score an untrained generator of the checkpoint's architecture")
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default eval/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (checkpoint mode)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="also initialises the untrained generator (default 0)")
     args = parser.parse_args(argv)
     directory_mode = args.generated is not None or args.reference is not None
     if directory_mode and (args.generated is None or args.reference is None):
         parser.error("directory mode needs both --generated and --reference")
     if not directory_mode and (args.checkpoint is None or args.data is None):
         parser.error("give --generated and --reference, or --checkpoint and --data")
+    if directory_mode and args.untrained_baseline:
+        parser.error("--untrained-baseline needs checkpoint mode; in directory mode give --untrained DIR")
+    if not directory_mode and args.untrained is not None:
+        parser.error("--untrained DIR is for directory mode; in checkpoint mode use --untrained-baseline")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     return args
@@ -411,9 +489,10 @@ def run(args: argparse.Namespace) -> int:
                               "data": str(args.data) if args.data else None}
     errors: list[dict] = []
     if directory_mode:
-        items, only_generated, only_reference = pair_directories(args.generated, args.reference)
+        others = {} if args.untrained is None else {"untrained_generator": args.untrained}
+        items, unpaired, errors = pair_directories(args.generated, args.reference, others)
         report.update(generated_dir=str(args.generated), reference_dir=str(args.reference),
-                      unpaired={"generated_only": only_generated, "reference_only": only_reference})
+                      untrained_dir=None if args.untrained is None else str(args.untrained), unpaired=unpaired)
         labels = read_labels(args.labels) if args.labels else (manifest_labels(records) if records else {})
         report["n_labelled"] = attach_targets(items, labels)
         if model is not None:
@@ -423,7 +502,11 @@ def run(args: argparse.Namespace) -> int:
         if not split_records:
             raise DataError(f"{args.data} has no {args.split} items")
         report.update(split=args.split, class_source=args.class_source)
-        items, errors = generate_clips(model, split_records, out_dir, args.class_source)
+        models = {"generated": model}
+        if args.untrained_baseline:
+            models["untrained_generator"] = untrained_twin(model, args.seed)
+            report["untrained_baseline"] = {"seed": args.seed, "generator_hparams": model.generator.hparams}
+        items, errors = generate_clips(models, split_records, out_dir, args.class_source)
 
     classifier, classifier_info = None, None
     if args.classifier is not None:

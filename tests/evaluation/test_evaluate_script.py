@@ -14,11 +14,14 @@ import pytest
 import soundfile as sf
 from PIL import Image
 from pystoi import stoi
+import torch
 
 from conchshell.config import load_config
 from conchshell.constants import CLASS_NAMES
 from conchshell.export import save_generator_export
+from conchshell.inference import ImageToMusic
 from conchshell.models.factory import build_generator_from_config
+from conchshell.models.generator import build_generator
 
 ROOT = Path(__file__).resolve().parents[2]
 RATE = 16_000
@@ -82,6 +85,28 @@ def test_directory_mode_reproduces_direct_pesq_and_stoi(folders, tmp_path, capsy
     assert "class consistency: skipped" in table
 
 
+def test_directory_mode_untrained_folder_pairs_by_name(folders, tmp_path, capsys):
+    generated, reference = folders
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    for name in ("clip0.wav", "clip1.wav", "quiet.wav", "stray.wav"):  # clip2.wav missing
+        sf.write(untrained / name, 0.3 * phrase(9), RATE, subtype="PCM_16")
+    out = tmp_path / "report"
+    code = evaluate.main(["--generated", str(generated), "--reference", str(reference),
+                          "--untrained", str(untrained), "--out", str(out)])
+    assert code == 1  # an item without its untrained clip is an error, the report is still written
+    assert "clip2.wav: no untrained generator clip" in capsys.readouterr().err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["unpaired"]["untrained_only"] == ["stray.wav"]
+    assert report["systems"]["untrained_generator"]["stoi"]["n_total"] == 3
+    assert report["systems"]["generated"]["stoi"]["n_total"] == 4
+    items = {row["name"]: row for row in csv.DictReader(open(out / "items.csv"))}
+    assert items["clip0.wav"]["untrained_stoi"] and items["clip2.wav"]["untrained_stoi"] == ""
+
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--generated", str(generated), "--reference", str(reference), "--untrained-baseline"])
+
+
 def test_directory_mode_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -140,3 +165,54 @@ def test_checkpoint_mode_generates_scores_and_rescores_identically(tmp_path, cap
     rescored = json.loads((again / "metrics.json").read_text())
     for key in ("pesq", "stoi", "mel_l1", "mrstft", "class_consistency"):
         assert rescored["systems"]["generated"][key] == report["systems"]["generated"][key]
+
+
+def test_untrained_baseline_is_the_seeded_architecture_and_rescores_identically(tmp_path, capsys):
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    torch.manual_seed(1)  # the "trained" weights: any draw but the baseline's seed
+    trained = build_generator_from_config(config)
+    export = save_generator_export(tmp_path / "G.pt", trained, config, step=1)
+    manifest = _tiny_dataset(tmp_path)
+    out = tmp_path / "eval"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        code = evaluate.main(["--checkpoint", str(export), "--data", str(manifest), "--split", "val",
+                              "--untrained-baseline", "--seed", "0", "--out", str(out), "--device", "cpu"])
+        # The baseline must be exactly build_generator(**hparams) seeded with --seed, behind the
+        # checkpoint's frontend and codec: the same weights saved as an export generate the same clips.
+        torch.manual_seed(0)
+        twin = build_generator(**trained.hparams)
+        twin_model = ImageToMusic.from_checkpoint(save_generator_export(tmp_path / "U.pt", twin, config, 1), "cpu")
+    assert code == 0
+    names = sorted(p.name for p in (out / "untrained").glob("*.wav"))
+    assert names == sorted(p.name for p in (out / "generated").glob("*.wav")) and len(names) == 2
+    for name in names:
+        untrained, _ = sf.read(out / "untrained" / name, dtype="float32")
+        generated, _ = sf.read(out / "generated" / name, dtype="float32")
+        expected = twin_model.generate(tmp_path / f"{name.split('_', 1)[1][:-4]}.jpg")[0]
+        assert untrained.shape == (config.clip_samples,)
+        np.testing.assert_allclose(untrained, expected, atol=1.5 / 32768)  # 16-bit wav rounding
+        assert not np.allclose(untrained, generated, atol=1e-3)
+
+    report = json.loads((out / "metrics.json").read_text())
+    assert list(report["systems"]) == ["generated", "untrained_generator", "codec_ceiling", "reference"]
+    baseline = report["systems"]["untrained_generator"]
+    assert {k: baseline[k]["n_total"] for k in ("pesq", "stoi", "mel_l1", "mrstft", "class_consistency")} == \
+        dict.fromkeys(("pesq", "stoi", "mel_l1", "mrstft", "class_consistency"), 2)
+    assert baseline["mel_l1"]["mean"] != report["systems"]["generated"]["mel_l1"]["mean"]
+    assert report["untrained_baseline"] == {"seed": 0, "generator_hparams": trained.hparams}
+    summary = {(r["system"], r["metric"]) for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert summary >= {("untrained_generator", m) for m in ("pesq", "stoi", "mel_l1", "mrstft", "class_accuracy")}
+    columns = next(csv.reader(open(out / "items.csv")))
+    assert {"untrained_pesq", "untrained_stoi", "untrained_mel_l1", "untrained_mrstft",
+            "class_untrained_generator"} <= set(columns)
+    assert "untrained generator" in capsys.readouterr().out
+
+    again = tmp_path / "again"
+    assert evaluate.main(["--generated", str(out / "generated"), "--reference", str(out / "reference"),
+                          "--untrained", str(out / "untrained"), "--labels", str(out / "labels.csv"),
+                          "--classifier", str(out / "audio_classifier.pt"), "--out", str(again)]) == 0
+    rescored = json.loads((again / "metrics.json").read_text())
+    for system in ("generated", "untrained_generator"):
+        for key in ("pesq", "stoi", "mel_l1", "mrstft", "class_consistency"):
+            assert rescored["systems"][system][key] == report["systems"][system][key]
