@@ -2,10 +2,13 @@
 
     python scripts/build_demo_corpus.py --out dataset/demo [--clips-per-class N]
         [--images-per-class M] [--seed S] [--tiny]
+    python scripts/build_demo_corpus.py --examples examples/     # held-out scenes only
 
 Writes the BOPD layout (Img/, Wav/piano/, Label/Label.xlsx) plus manifest.csv and
 clips.csv under --out; see dataset/README.md for the layout and the pairing rule.
-The same arguments always give byte-identical files.
+The same arguments always give byte-identical files. ``--examples DIR`` draws only one
+held-out scene per class (``DIR/<class>.jpg``, never a corpus image): the pictures the
+README's first command turns into music.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conchshell.data.demo import DEFAULT, TINY, build_demo_corpus  # noqa: E402
+from conchshell.data.demo import DEFAULT, TINY, build_demo_corpus, draw_example_scenes  # noqa: E402
 from conchshell.errors import ConchShellError  # noqa: E402
 
 
@@ -28,7 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips-per-class", type=int, help=f"piano clips per class (default {DEFAULT.clips_per_class})")
     parser.add_argument("--images-per-class", type=int, help=f"scenes per class (default {DEFAULT.images_per_class})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--examples", type=Path, metavar="DIR",
+                        help="only draw one held-out example scene per class into DIR")
     args = parser.parse_args(argv)
+    if args.examples is not None:
+        try:
+            paths = draw_example_scenes(args.examples, seed=args.seed)
+        except OSError as exc:
+            print(f"error: cannot write example scenes to {args.examples}: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {len(paths)} example scenes to {args.examples}")
+        return 0
     preset = TINY if args.tiny else DEFAULT
     clips = args.clips_per_class if args.clips_per_class is not None else preset.clips_per_class
     images = args.images_per_class if args.images_per_class is not None else preset.images_per_class

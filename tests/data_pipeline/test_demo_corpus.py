@@ -13,7 +13,7 @@ import soundfile
 from PIL import Image
 
 from conchshell.constants import CLASS_NAMES, SAMPLE_RATE
-from conchshell.data.demo import CLASS_TRAITS, TINY, build_demo_corpus, draw_scene
+from conchshell.data.demo import CLASS_TRAITS, TINY, build_demo_corpus, draw_example_scenes, draw_scene
 from conchshell.data.demo.corpus import IMAGE_SIZE_WH, LABEL_HEADER, img_type
 from conchshell.data.demo.music import estimate_key
 from conchshell.errors import DataError
@@ -187,3 +187,14 @@ def test_project_loader_reads_all_three_manifest_forms(corpus: Path) -> None:
     assert pairs[0] == pairs[1] == pairs[2]
     report = validate_dataset(corpus / "manifest.csv", check_decode=True)
     assert report.ok and not report.warnings, report.lines()
+
+
+def test_committed_examples_are_the_held_out_scenes_and_not_corpus_images(corpus: Path, tmp_path: Path) -> None:
+    """examples/ is what `build_demo_corpus.py --examples examples` draws; no corpus image is one of them."""
+    drawn = draw_example_scenes(tmp_path / "examples")
+    assert [p.name for p in drawn] == [f"{name}.jpg" for name in CLASS_NAMES]
+    committed = Path(__file__).resolve().parents[2] / "examples"
+    for path in drawn:
+        assert path.read_bytes() == (committed / path.name).read_bytes(), f"examples/{path.name} is stale"
+    corpus_images = {hashlib.sha256(p.read_bytes()).hexdigest() for p in corpus.rglob("*.jpg")}
+    assert not corpus_images & {hashlib.sha256(p.read_bytes()).hexdigest() for p in drawn}

@@ -5,7 +5,7 @@ pairing rule between scene classes and musical traits is documented in
 :mod:`conchshell.data.demo.music` and in ``dataset/README.md``.
 """
 
-from conchshell.data.demo.corpus import DEFAULT, TINY, CorpusSize, build_demo_corpus
+from conchshell.data.demo.corpus import DEFAULT, TINY, CorpusSize, build_demo_corpus, draw_example_scenes
 from conchshell.data.demo.music import CLASS_TRAITS, ClassTraits
 from conchshell.data.demo.scenes import draw_scene
 

@@ -50,7 +50,7 @@ _FIXED_TIME = datetime.datetime(2000, 1, 1)
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 # Purposes of the seeded generators; a new purpose gets a new number, never a reused one.
-_MUSIC, _SCENE, _SPLIT = 1, 2, 3
+_MUSIC, _SCENE, _SPLIT, _EXAMPLE = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,16 @@ def build_demo_corpus(out_dir: Path, *, clips_per_class: int, images_per_class: 
     _write_csv(out_dir / "clips.csv", CLIPS_HEADER, clip_rows)
     write_label_xlsx(out_dir / "Label" / "Label.xlsx", label_rows)
     return manifest
+
+
+def draw_example_scenes(out_dir: Path, seed: int = 0) -> list[Path]:
+    """One held-out scene per class, ``<out_dir>/<class>.jpg``: drawn like the corpus's
+    images but from random generators of their own, so no example is a corpus image."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, class_name in enumerate(CLASS_NAMES):
+        path = out_dir / f"{class_name}.jpg"
+        draw_scene(class_name, np.random.default_rng([seed, _EXAMPLE, c]), IMAGE_SIZE_WH).save(
+            path, "JPEG", quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths
