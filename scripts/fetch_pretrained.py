@@ -15,7 +15,6 @@ Needs internet; never called by the tests or by training.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from conchshell.errors import ConchShellError  # noqa: E402
+from conchshell.utils.files import file_sha256  # noqa: E402
 
 CHECKSUMS = ROOT / "checkpoints" / "pretrained.sha256"
 
@@ -68,14 +68,6 @@ FILES = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_pinned(path: Path | None = None) -> dict[str, str]:
     """``name -> sha256`` from lines ``<sha256>  <name>`` (comments with #)."""
     path = path or CHECKSUMS
@@ -110,7 +102,7 @@ def fetch(item: Pretrained, force: bool = False) -> Path:
         with urllib.request.urlopen(item.url, timeout=60) as response, open(tmp, "wb") as out:
             while block := response.read(1 << 20):
                 out.write(block)
-        digest = sha256_of(tmp)
+        digest = file_sha256(tmp)
         pinned = read_pinned().get(item.name)
         if pinned is not None and pinned != digest:
             raise ConchShellError(f"{item.name}: checksum mismatch for {item.url}: got {digest}, expected {pinned}")

@@ -8,6 +8,7 @@ import torch
 
 from compat import seeded_state_dict
 from conchshell.errors import CheckpointError, ConchShellError
+from conchshell.utils.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,13 @@ def test_download_is_verified_recorded_and_then_enforced(fetch, tmp_path):
     destination = tmp_path / "checkpoints" / "jukebox" / "vqvae.pth.tar"
     fetch.fetch(item(fetch, source, destination))
     assert destination.read_bytes() == source.read_bytes()
-    assert fetch.read_pinned() == {"jukebox": fetch.sha256_of(source)}
+    assert fetch.read_pinned() == {"jukebox": file_sha256(source)}
 
     # Same pinned hash, different bytes: refused, and the good file stays in place.
     torch.save({"model": {}, "junk": torch.zeros(1)}, source)
     with pytest.raises(ConchShellError, match="checksum mismatch"):
         fetch.fetch(item(fetch, source, destination), force=True)
-    assert fetch.sha256_of(destination) == fetch.read_pinned()["jukebox"]
+    assert file_sha256(destination) == fetch.read_pinned()["jukebox"]
     assert not list(destination.parent.glob(".vqvae*"))
 
 

@@ -51,7 +51,7 @@ from conchshell.data.audio import center_crop_or_pad, load_audio
 from conchshell.data.image import load_image
 from conchshell.errors import CheckpointError, ConchShellError
 from conchshell.utils.checkpoint import read_weights
-from conchshell.utils.files import atomic_write
+from conchshell.utils.files import atomic_write, file_sha256
 
 # Bump when the meaning of a stored entry changes (frontend or codec maths, entry layout),
 # so caches written by older code are not mistaken for current ones.
@@ -59,19 +59,9 @@ FORMAT_VERSION = 1
 FEATURE_DIM = 2048
 META_NAME = "cache.json"
 ITEMS_DIR = "items"
-_HASH_CHUNK = 1 << 20
 
 
 # ----------------------------------------------------------------------------- hashing
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def module_checksum(module: nn.Module) -> str:

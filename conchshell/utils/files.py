@@ -1,6 +1,8 @@
-"""Crash-safe file writing shared by checkpoints, exports and the feature cache."""
+"""Crash-safe file writing and file checksums, shared by checkpoints, exports, the feature
+cache and the download/packaging scripts."""
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -43,3 +45,12 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
