@@ -75,6 +75,10 @@ class GeneratorConfig:
     # Low/Deep only: length of the 1-channel signal the input Linear makes (paper: 4096).
     # Smaller values make tiny test generators; None = the paper.
     signal_length: int | None = None
+    # Scale each item's image features to unit RMS before the input Linear (no parameters).
+    # Off in the paper (Kinetics I3D features are O(1)); the demo's seeded I3D gives
+    # features of order 1e5, which saturate every tanh of an unnormalised generator.
+    normalize_features: bool = False
 
 
 @dataclass

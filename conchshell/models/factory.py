@@ -106,6 +106,7 @@ def build_generator_from_config(config: Config) -> ConchShellGenerator:
         latent_channels=config.codec.emb_width,
         width=config.generator.width,
         signal_length=config.generator.signal_length,
+        normalize_features=config.generator.normalize_features,
     )
 
 

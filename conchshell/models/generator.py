@@ -185,6 +185,7 @@ class ConchShellGenerator(nn.Module):
         latent_channels: int = 64,
         width: float = 1.0,
         signal_length: int | None = None,
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         level = level.lower() if isinstance(level, str) else level
@@ -209,6 +210,7 @@ class ConchShellGenerator(nn.Module):
         self.class_dim = class_dim
         self.latent_channels = latent_channels
         self.width = float(width)
+        self.normalize_features = bool(normalize_features)
 
         if level == "high":
             derived = HIGH_SIGNAL_PER_FRAME * latent_length + HIGH_SIGNAL_OFFSET
@@ -253,6 +255,7 @@ class ConchShellGenerator(nn.Module):
             "latent_channels": self.latent_channels,
             "width": self.width,
             "signal_length": None if self.level == "high" else self.signal_length,
+            "normalize_features": self.normalize_features,
         }
 
     def condition(self, features: Tensor, class_ids: Tensor) -> Tensor:
@@ -262,6 +265,9 @@ class ConchShellGenerator(nn.Module):
         if class_ids.shape != features.shape[:1]:
             raise ValueError(f"class_ids must be [B] = [{features.shape[0]}], got {tuple(class_ids.shape)}")
         embedding = self.class_embedding(class_ids.long())
+        if self.normalize_features:
+            features = features.float()
+            features = features * torch.rsqrt(features.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12))
         return torch.cat([features.to(embedding.dtype), embedding], dim=1)
 
     def body_forward(self, conditioning: Tensor) -> Tensor:

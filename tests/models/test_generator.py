@@ -208,6 +208,22 @@ def test_forward_is_body_forward_of_the_concatenated_conditioning() -> None:
         torch.testing.assert_close(model(features, class_ids), model.body_forward(conditioning))
 
 
+def test_normalize_features_scales_each_item_to_unit_rms_without_parameters() -> None:
+    torch.manual_seed(0)
+    plain = build_generator("low", latent_length=20, feature_dim=12, class_dim=4, width=0.0625,
+                            signal_length=256).eval()
+    scaled = build_generator(**{**plain.hparams, "normalize_features": True}).eval()
+    assert scaled.state_dict().keys() == plain.state_dict().keys()
+    scaled.load_state_dict(plain.state_dict())
+    features, class_ids = torch.randn(2, 12) * torch.tensor([[3e5], [2.0]]), torch.tensor([1, 4])
+    unit = features / features.pow(2).mean(dim=1, keepdim=True).sqrt()
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(features, class_ids), plain(unit, class_ids))
+        # Only the direction of an item's features matters, not their scale.
+        torch.testing.assert_close(scaled(features * 7.0, class_ids), scaled(features, class_ids), rtol=1e-5, atol=1e-4)
+    assert build_generator(**scaled.hparams).normalize_features
+
+
 def test_hparams_rebuild_the_same_architecture() -> None:
     for level in PAPER:
         model = build_generator(level, latent_length=24, feature_dim=10, num_classes=3, class_dim=5,
