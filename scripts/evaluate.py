@@ -28,7 +28,11 @@ classifier trained on the reference clips of the manifest's train split (or
 ``--classifier``) predicts each clip's class (every system's, and the reference's),
 compared with the image's class (``--labels`` CSV ``name,class``, or the manifest) and with
 chance (1/6). Without labels the target is the classifier's prediction for the reference
-clip (agreement).
+clip (agreement). ``--classifier-domain codec`` trains that classifier on the checkpoint
+codec's reconstructions of the train clips instead: a generator can only make audio its
+codec can decode, and a classifier that has only heard clean recordings may mistake any
+codec's artefacts for a class (the codec-ceiling row shows how well each classifier
+recognises the classes through the codec).
 
 PESQ cannot score clips it finds no "utterance" in (often music or silence): such items
 are counted and listed, never crash the run and never enter the mean; the table shows
@@ -171,8 +175,13 @@ def attach_targets(items: list[EvalItem], labels: dict[str, int]) -> int:
 # ----------------------------------------------------------------------------- classifier
 
 
-def classifier_from_manifest(records: list, clip_seconds: float, out_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Train the class-consistency classifier on the train split's reference pieces and save it."""
+def classifier_from_manifest(records: list, clip_seconds: float, out_dir: Path,
+                             codec_model: Any | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train the class-consistency classifier on the train split's reference pieces and save it.
+
+    With ``codec_model`` (an ImageToMusic) it trains on the codec's reconstructions of those
+    pieces instead: the "codec domain", the only audio a generator behind that codec can make.
+    """
     from conchshell.data.manifest import select_split
     from conchshell.evaluation import fit_audio_classifier, reference_windows, save_audio_classifier
 
@@ -182,15 +191,19 @@ def classifier_from_manifest(records: list, clip_seconds: float, out_dir: Path) 
         pieces.setdefault(record.audio, record.class_id)  # many images share one piece
     if not pieces:
         raise DataError("the manifest has no train split to train the audio classifier on")
+    if codec_model is not None and codec_model.sample_rate != EVAL_RATE:
+        raise DataError(f"--classifier-domain codec needs a {EVAL_RATE} Hz model, this one makes "
+                        f"{codec_model.sample_rate} Hz audio")
     clips, labels = [], []
     for audio_path, class_id in sorted(pieces.items()):
         for window in reference_windows(load_audio(audio_path, EVAL_RATE), clip_samples):
-            clips.append(window)
+            clips.append(window if codec_model is None else codec_model.reconstruct(window).astype(np.float32))
             labels.append(class_id)
     model, accuracy = fit_audio_classifier(np.stack(clips), labels)
     path = save_audio_classifier(model, out_dir / "audio_classifier.pt", accuracy, len(clips))
-    return model, {"path": str(path), "trained_on": "manifest train split", "num_train_clips": len(clips),
-                   "num_train_pieces": len(pieces), "train_accuracy": accuracy}
+    domain = "reference" if codec_model is None else "codec"
+    return model, {"path": str(path), "trained_on": "manifest train split", "domain": domain,
+                   "num_train_clips": len(clips), "num_train_pieces": len(pieces), "train_accuracy": accuracy}
 
 
 def load_classifier(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -448,6 +461,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="score only the first N items of the split")
     parser.add_argument("--labels", type=Path, help="directory mode: CSV name,class giving each clip's image class")
     parser.add_argument("--classifier", type=Path, help="audio classifier file (default: train one on --data's train split)")
+    parser.add_argument("--classifier-domain", choices=("reference", "codec"), default="reference",
+                        help="train the audio classifier on the train split's reference clips (default) or on "
+                             "the checkpoint codec's reconstructions of them")
     parser.add_argument("--class-source", choices=("tcnn", "label"), default="tcnn",
                         help="checkpoint mode: condition on the TCNN's prediction (as inference does) or the label")
     parser.add_argument("--untrained-baseline", action="store_true",
@@ -465,6 +481,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--untrained-baseline needs checkpoint mode; in directory mode give --untrained DIR")
     if not directory_mode and args.untrained is not None:
         parser.error("--untrained DIR is for directory mode; in checkpoint mode use --untrained-baseline")
+    if args.classifier_domain == "codec" and (args.checkpoint is None or args.data is None or args.classifier):
+        parser.error("--classifier-domain codec trains a classifier: it needs --checkpoint and --data, "
+                     "and no --classifier")
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
     return args
@@ -513,7 +532,8 @@ def run(args: argparse.Namespace) -> int:
         classifier, classifier_info = load_classifier(args.classifier)
     elif records is not None:
         clip_seconds = model.config.data.clip_seconds if model else CLIP_SECONDS
-        classifier, classifier_info = classifier_from_manifest(records, clip_seconds, out_dir)
+        codec_model = model if args.classifier_domain == "codec" else None
+        classifier, classifier_info = classifier_from_manifest(records, clip_seconds, out_dir, codec_model)
     report["classifier"] = classifier_info
 
     scores, rows, read_errors = score_items(items, classifier)

@@ -216,3 +216,40 @@ def test_untrained_baseline_is_the_seeded_architecture_and_rescores_identically(
     for system in ("generated", "untrained_generator"):
         for key in ("pesq", "stoi", "mel_l1", "mrstft", "class_consistency"):
             assert rescored["systems"][system][key] == report["systems"][system][key]
+
+
+def test_codec_domain_classifier_learns_from_the_codecs_reconstructions(tmp_path, monkeypatch):
+    import conchshell.evaluation
+    from conchshell.data.audio import load_audio
+    from conchshell.data.manifest import read_manifest
+    from conchshell.evaluation import reference_windows
+
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    export = save_generator_export(tmp_path / "G.pt", build_generator_from_config(config), config, step=1)
+    records = read_manifest(_tiny_dataset(tmp_path))
+    heard = []
+    real_fit = conchshell.evaluation.fit_audio_classifier
+
+    def recording_fit(clips, labels):
+        heard.append(np.array(clips))
+        return real_fit(clips, labels)
+
+    monkeypatch.setattr(conchshell.evaluation, "fit_audio_classifier", recording_fit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = ImageToMusic.from_checkpoint(export, device="cpu")
+        _, info = evaluate.classifier_from_manifest(records, config.data.clip_seconds, tmp_path / "c", model)
+    assert info["domain"] == "codec" and info["num_train_pieces"] == 4
+    # Every training clip is the codec's reconstruction of a train piece's window, not the window.
+    windows = [w for path in sorted({r.audio for r in records if r.split == "train"})
+               for w in reference_windows(load_audio(path, RATE), config.clip_samples)]
+    assert len(heard[0]) == len(windows) == info["num_train_clips"]
+    for clip, window in zip(heard[0], windows):
+        np.testing.assert_allclose(clip, model.reconstruct(window), atol=1e-6)
+        assert not np.allclose(clip, window, atol=1e-3)
+
+
+def test_codec_domain_needs_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--generated", str(tmp_path), "--reference", str(tmp_path), "--classifier-domain", "codec"])
+    assert "--classifier-domain codec" in capsys.readouterr().err
