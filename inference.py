@@ -1,5 +1,6 @@
 """Turn pictures into 8-second piano pieces with a trained ConchShell generator.
 
+    python inference.py        # the shipped demo model on examples/: generated/*.wav + *.png
     python inference.py --img_path beach.jpg --checkpoint G-step=100000.pt [--out beach.wav]
     python inference.py --img_path photos/ --checkpoint G.pt --out wavs/         # one wav per image
     python inference.py --img_path a.jpg b.jpg c.jpg --checkpoint G.pt --soundtrack show.wav
@@ -11,6 +12,11 @@ folder ``--out`` (default ``generated/``). ``--soundtrack FILE`` also joins the 
 the order given, with an equal-power crossfade (``--crossfade`` seconds, default 0.5), for
 a slideshow or a short video; with several images and a soundtrack, single pieces are
 only written when ``--out`` is given.
+
+With no ``--img_path`` the example scenes in ``examples/`` are used, and without
+``--checkpoint`` the demo model shipped in ``weights/demo/`` (trained on the offline demo
+corpus, see weights/demo/README.md); leaving out ``--img_path`` also turns
+``--spectrogram`` on.
 
 Wavs are mono 16-bit PCM at the checkpoint's rate and length (16 kHz and 8 s for the
 paper's model), written atomically: an error never leaves a partial file. A bad image in
@@ -30,6 +36,9 @@ from conchshell.constants import CLASS_NAMES
 from conchshell.data.manifest import IMAGE_EXTENSIONS
 from conchshell.errors import ConchShellError
 
+ROOT = Path(__file__).resolve().parent
+EXAMPLE_IMAGES = ROOT / "examples"
+DEMO_CHECKPOINT = ROOT / "weights" / "demo" / "generator.pt"
 IMAGE_SUFFIXES = frozenset(ext.lower() for ext in IMAGE_EXTENSIONS) | {".tif", ".tiff", ".gif"}
 
 
@@ -77,20 +86,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("--img_path", "--img-path", dest="img_path", type=Path, nargs="+", required=True,
-                        help="image file(s) or a folder of images")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="generator export G-step=N.pt")
+    parser.add_argument("--img_path", "--img-path", dest="img_path", type=Path, nargs="+",
+                        help="image file(s) or a folder of images (default: the example scenes in examples/)")
+    parser.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT,
+                        help="generator export G-step=N.pt (default: the demo model, weights/demo/generator.pt)")
     parser.add_argument("--out", type=Path, help="output wav (one image) or folder (several)")
     parser.add_argument("--soundtrack", type=Path, help="also join all pieces into this wav, crossfaded")
     parser.add_argument("--crossfade", type=float, default=0.5, help="soundtrack crossfade in seconds (default 0.5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     parser.add_argument("--class", dest="class_name", choices=CLASS_NAMES,
                         help="condition on this class instead of the TCNN's prediction")
-    parser.add_argument("--spectrogram", action="store_true", help="also save <wav name>.png, a log-mel picture")
+    parser.add_argument("--spectrogram", action=argparse.BooleanOptionalAction, default=None,
+                        help="also save <wav name>.png, a log-mel picture (default: on only without --img_path)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch/numpy/python (default 0)")
     args = parser.parse_args(argv)
     if args.crossfade < 0:
         parser.error("--crossfade must be >= 0")
+    if args.spectrogram is None:
+        args.spectrogram = args.img_path is None
+    if args.img_path is None:
+        args.img_path = [EXAMPLE_IMAGES]
     return args
 
 
@@ -165,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         if args.soundtrack is not None:
             print(f"  soundtrack {args.soundtrack} not written: it would be missing pieces", file=sys.stderr)
         return 1
+    written = [out for out in outs if out is not None]
+    if batch and written:
+        kinds = "wavs and spectrogram PNGs" if args.spectrogram else "wavs"
+        print(f"{len(written)} {kinds} in {', '.join(sorted({str(p.parent.resolve()) for p in written}))}")
     if args.soundtrack is not None:
         track = join_with_crossfade(pieces, model.sample_rate, args.crossfade)
         write_wav(args.soundtrack, track, model.sample_rate)

@@ -110,10 +110,13 @@ def seed_all(seed: int) -> None:
 
 
 def _locate(name: str | None, export_path: Path) -> str | None:
-    """A config's weight-file name resolved against cwd, the export's folder, the repo root."""
+    """A config's weight-file name resolved against the export's folder, cwd, the repo root.
+
+    The export's folder comes first so a packaged model (weights/demo/ names ``tcnn.pt``)
+    never picks up a same-named file from wherever the user happens to run it."""
     if name is None or Path(name).is_absolute():
         return name
-    for base in (Path.cwd(), export_path.parent, REPO_ROOT):
+    for base in (export_path.parent, Path.cwd(), REPO_ROOT):
         if (base / name).is_file():
             return str(base / name)
     return name  # not found anywhere: require_file will name it and say how to get it

@@ -240,3 +240,12 @@ def test_wav_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(ConchShellError, match="No space left"):
         write_wav(target, np.zeros(16), 16000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_arguments_means_the_demo_model_on_the_examples_with_spectrograms():
+    args = cli.parse_args([])
+    assert args.img_path == [ROOT / "examples"] and args.checkpoint == ROOT / "weights" / "demo" / "generator.pt"
+    assert args.spectrogram is True
+    assert cli.parse_args(["--no-spectrogram"]).spectrogram is False
+    assert cli.parse_args(["--img_path", "a.jpg"]).spectrogram is False
+    assert cli.parse_args(["--img_path", "a.jpg", "--spectrogram"]).spectrogram is True
