@@ -57,6 +57,11 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
             for key, value in batch.items()}
 
 
+def take_windows(x: Tensor, starts: Tensor, length: int) -> Tensor:
+    """``x[i, ..., starts[i]:starts[i] + length]`` for every item ``i`` of the batch."""
+    return torch.stack([item[..., start:start + length] for item, start in zip(x, starts.tolist())])
+
+
 class Stage:
     """Base of the three stages. Subclasses set the class attributes and fill ``self.models``,
     ``self.optimizers`` and ``self.schedulers`` (all keyed by the same short names)."""

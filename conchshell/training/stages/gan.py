@@ -50,7 +50,7 @@ from conchshell.nn.losses import (
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1
 from conchshell.training.distributed import DistInfo
 from conchshell.training.optim import clip_gradients, gan_optimisers
-from conchshell.training.stages import Batch, Stage, to_device
+from conchshell.training.stages import Batch, Stage, take_windows, to_device
 
 CLASS_SOURCES = ("label", "tcnn")
 
@@ -125,16 +125,12 @@ class GanStage(Stage):
         return torch.randint(0, self.config.latent_length - self.window_frames + 1, (batch_size,))
 
     def window_latent(self, latent: Tensor, starts: Tensor | None) -> Tensor:
-        if starts is None:
-            return latent
-        return torch.stack([item[:, s:s + self.window_frames] for item, s in zip(latent, starts.tolist())])
+        return latent if starts is None else take_windows(latent, starts, self.window_frames)
 
     def window_audio(self, audio: Tensor, starts: Tensor | None) -> Tensor:
         if starts is None:
             return audio
-        size = self.window_frames * self.samples_per_frame
-        return torch.stack([item[:, s * self.samples_per_frame:s * self.samples_per_frame + size]
-                            for item, s in zip(audio, starts.tolist())])
+        return take_windows(audio, starts * self.samples_per_frame, self.window_frames * self.samples_per_frame)
 
     # ------------------------------------------------------------------ inputs
     @property

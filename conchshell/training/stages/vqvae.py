@@ -28,7 +28,7 @@ from conchshell.nn.spectral import MultiResolutionSTFTDistance
 from conchshell.training.checkpointing import export_weights, git_commit
 from conchshell.training.distributed import DistInfo
 from conchshell.training.optim import DEFAULT_BETAS, adamw, clip_gradients, trainable_parameters
-from conchshell.training.stages import Batch, Stage, to_device
+from conchshell.training.stages import Batch, Stage, take_windows, to_device
 from conchshell.training.stages.gan import log_mel_for
 
 EXPORT_FORMAT = "conchshell-codec-v1"
@@ -101,8 +101,7 @@ class VqvaeStage(Stage):
             return audio
         hop = self.config.level_hop(max(self.levels))
         starts = torch.randint(0, (audio.shape[-1] - self.segment_samples) // hop + 1, (audio.shape[0],)) * hop
-        return torch.stack([clip[..., start:start + self.segment_samples]
-                            for clip, start in zip(audio, starts.tolist())])
+        return take_windows(audio, starts, self.segment_samples)
 
     def reconstruction_terms(self, reconstruction: Tensor, audio: Tensor) -> dict[str, Tensor]:
         loss = self.config.loss
