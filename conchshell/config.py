@@ -79,12 +79,21 @@ class GeneratorConfig:
     # Off in the paper (Kinetics I3D features are O(1)); the demo's seeded I3D gives
     # features of order 1e5, which saturate every tanh of an unnormalised generator.
     normalize_features: bool = False
+    # Standardise image features per dimension with the training set's mean and standard
+    # deviation (computed by the GAN stage when a run starts, saved with the generator).
+    # Frozen I3D features are non-negative and nearly parallel (cosine ~0.997 between images
+    # for the demo's seeded I3D), so without centring every image looks alike to the generator.
+    standardize_features: bool = False
 
 
 @dataclass
 class DiscriminatorConfig:
     num_scales: int = 3
     width: float = 1.0
+    # A projection discriminator that also sees the class (real latents with their label,
+    # fakes with the class they were generated for). Off in the paper, whose discriminator
+    # is unconditional and so gives the generator no reason to sound like its class.
+    class_conditional: bool = False
 
 
 @dataclass
@@ -95,6 +104,11 @@ class LossConfig:
     lambda_mel: float = 15.0
     lambda_latent: float = 0.0
     lambda_quantized_latent: float = 0.0
+    # L1 between the generated latent and its own nearest codebook vectors (not in the
+    # paper; VQ-VAE's commitment term, applied to the generator). Keeps the latent where the
+    # codec's decoder was trained, so the straight-through gradient of the wave/mel losses
+    # describes what changing the codes would do.
+    lambda_commitment: float = 0.0
     # True: wave/mel losses decode through a straight-through quantiser with gradients.
     # False: the released code's behaviour (argmin codes decoded under no_grad: no gradient).
     straight_through: bool = True

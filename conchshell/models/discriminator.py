@@ -28,6 +28,11 @@ layout that feature matching and the hinge losses in ``conchshell.nn.losses`` ex
 ``width`` scales every channel count (except the 1-channel input and score) for tiny
 configs; group counts keep the "4 input channels per group" rule, lowered where needed
 so that they divide both channel counts.
+
+``num_classes`` (off in the paper) makes it a projection discriminator (Miyato & Koyama,
+2018): every scale adds ``<embed(class), h_t>`` to its score at each position ``t``, where
+``h`` is its last feature map, so real latents are judged against their own class. The
+embeddings start at zero: a fresh conditional discriminator scores like the unconditional one.
 """
 from __future__ import annotations
 
@@ -83,7 +88,7 @@ def downsampled_length(num_samples: int) -> int:
 class ScaleDiscriminator(nn.Module):
     """One MelGAN sub-discriminator: ``[B, 1, N]`` -> seven outputs, the score last."""
 
-    def __init__(self, width: float = 1.0) -> None:
+    def __init__(self, width: float = 1.0, num_classes: int | None = None) -> None:
         super().__init__()
         channels = [_scaled(c, width) for c in CHANNELS]
         layers: list[nn.Module] = [
@@ -115,20 +120,29 @@ class ScaleDiscriminator(nn.Module):
         )
         layers.append(WNConv1d(channels[5], 1, SCORE_KERNEL, padding=SCORE_PADDING))
         self.layers = nn.ModuleList(layers)
+        self.class_projection: nn.Embedding | None = None
+        if num_classes is not None:
+            self.class_projection = nn.Embedding(num_classes, channels[5])
+            nn.init.zeros_(self.class_projection.weight)
 
-    def forward(self, signal: Tensor) -> list[Tensor]:
+    def forward(self, signal: Tensor, class_ids: Tensor | None = None) -> list[Tensor]:
         outputs = []
         x = signal
         for layer in self.layers:
             x = layer(x)
             outputs.append(x)
+        if self.class_projection is not None:
+            features = outputs[-2]
+            projection = (self.class_projection(class_ids).to(features.dtype)[:, :, None] * features).sum(1, keepdim=True)
+            outputs[-1] = outputs[-1] + projection
         return outputs
 
 
 class MultiScaleDiscriminator(nn.Module):
     """``num_scales`` sub-discriminators on the flattened latent at successively halved rates."""
 
-    def __init__(self, num_scales: int = 3, latent_channels: int = 64, width: float = 1.0) -> None:
+    def __init__(self, num_scales: int = 3, latent_channels: int = 64, width: float = 1.0,
+                 num_classes: int | None = None) -> None:
         super().__init__()
         if not isinstance(num_scales, int) or num_scales < 1:
             raise ConfigError(f"discriminator num_scales must be a positive integer, got {num_scales!r}")
@@ -136,10 +150,13 @@ class MultiScaleDiscriminator(nn.Module):
             raise ConfigError(f"discriminator latent_channels must be a positive integer, got {latent_channels!r}")
         if not width > 0:
             raise ConfigError(f"discriminator width must be > 0, got {width!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ConfigError(f"discriminator num_classes must be a positive integer or None, got {num_classes!r}")
         self.num_scales = num_scales
+        self.num_classes = num_classes
         self.latent_channels = latent_channels
         self.width = float(width)
-        self.scales = nn.ModuleList(ScaleDiscriminator(width) for _ in range(num_scales))
+        self.scales = nn.ModuleList(ScaleDiscriminator(width, num_classes) for _ in range(num_scales))
         self.downsample = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)
 
     def min_latent_length(self) -> int:
@@ -157,10 +174,15 @@ class MultiScaleDiscriminator(nn.Module):
             num_samples = downsampled_length(num_samples)
         return lengths
 
-    def forward(self, latent: Tensor) -> list[list[Tensor]]:
-        """``latent [B, latent_channels, T]`` -> per scale, six feature maps then the score."""
+    def forward(self, latent: Tensor, class_ids: Tensor | None = None) -> list[list[Tensor]]:
+        """``latent [B, latent_channels, T]`` (and, when conditional, ``class_ids [B]``) -> per
+        scale, six feature maps then the score."""
         if latent.ndim != 3 or latent.shape[1] != self.latent_channels:
             raise ValueError(f"latent must be [B, {self.latent_channels}, T], got {tuple(latent.shape)}")
+        if (class_ids is None) != (self.num_classes is None):
+            raise ValueError("a class-conditional discriminator needs class_ids, an unconditional one takes none")
+        if class_ids is not None and class_ids.shape != latent.shape[:1]:
+            raise ValueError(f"class_ids must be [{latent.shape[0]}], got {tuple(class_ids.shape)}")
         if min(self.score_lengths(math.prod(latent.shape[1:]))) < 1:
             raise ConfigError(
                 f"latent length {latent.shape[2]} is too short for a {self.num_scales}-scale "
@@ -172,5 +194,5 @@ class MultiScaleDiscriminator(nn.Module):
         for index, scale in enumerate(self.scales):
             if index > 0:
                 signal = self.downsample(signal)
-            results.append(scale(signal))
+            results.append(scale(signal, class_ids))
         return results

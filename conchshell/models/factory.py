@@ -107,6 +107,7 @@ def build_generator_from_config(config: Config) -> ConchShellGenerator:
         width=config.generator.width,
         signal_length=config.generator.signal_length,
         normalize_features=config.generator.normalize_features,
+        standardize_features=config.generator.standardize_features,
     )
 
 
@@ -115,4 +116,5 @@ def build_discriminator_from_config(config: Config) -> MultiScaleDiscriminator:
         num_scales=config.discriminator.num_scales,
         latent_channels=config.codec.emb_width,
         width=config.discriminator.width,
+        num_classes=NUM_CLASSES if config.discriminator.class_conditional else None,
     )

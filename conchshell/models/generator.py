@@ -37,6 +37,14 @@ The latent length follows the caller (``seconds * sample_rate / hop``), never a 
 its input Linear is derived as ``4 * latent_length + 800`` (its conv stack maps any of
 ``4T+798 .. 4T+801`` samples to exactly ``T`` frames; ``+800`` gives the paper's 4800 at T=1000).
 
+Two optional input scalings (both off in the paper, whose Kinetics I3D features are O(1)):
+``normalize_features`` scales each item's features to unit RMS; ``standardize_features``
+subtracts the training set's per-dimension mean and divides by its standard deviation
+(buffers ``feature_mean``/``feature_std``, set by :meth:`set_feature_statistics` when a GAN
+run starts and saved with the weights). Frozen I3D features are non-negative and nearly
+parallel, so only centring tells images apart: the demo's seeded I3D gives a cosine
+similarity of 0.997 between any two images, which unit-RMS scaling leaves unchanged.
+
 ``width`` scales every hidden channel count (not the 1-channel input signal nor the
 ``latent_channels`` output), for narrow demo and test generators. ``signal_length``
 (``low``/``deep`` only) shrinks the one-channel signal for fast tiny configs.
@@ -186,6 +194,7 @@ class ConchShellGenerator(nn.Module):
         width: float = 1.0,
         signal_length: int | None = None,
         normalize_features: bool = False,
+        standardize_features: bool = False,
     ) -> None:
         super().__init__()
         level = level.lower() if isinstance(level, str) else level
@@ -202,6 +211,8 @@ class ConchShellGenerator(nn.Module):
                 raise ConfigError(f"generator {name} must be a positive integer, got {value!r}")
         if not width > 0:
             raise ConfigError(f"generator width must be > 0, got {width!r}")
+        if normalize_features and standardize_features:
+            raise ConfigError("generator normalize_features and standardize_features exclude each other")
 
         self.level = level
         self.latent_length = latent_length
@@ -211,6 +222,11 @@ class ConchShellGenerator(nn.Module):
         self.latent_channels = latent_channels
         self.width = float(width)
         self.normalize_features = bool(normalize_features)
+        self.standardize_features = bool(standardize_features)
+        if self.standardize_features:
+            # Set from training features by set_feature_statistics; saved with the weights.
+            self.register_buffer("feature_mean", torch.zeros(feature_dim))
+            self.register_buffer("feature_std", torch.ones(feature_dim))
 
         if level == "high":
             derived = HIGH_SIGNAL_PER_FRAME * latent_length + HIGH_SIGNAL_OFFSET
@@ -256,7 +272,23 @@ class ConchShellGenerator(nn.Module):
             "width": self.width,
             "signal_length": None if self.level == "high" else self.signal_length,
             "normalize_features": self.normalize_features,
+            "standardize_features": self.standardize_features,
         }
+
+    @torch.no_grad()
+    def set_feature_statistics(self, features: Tensor) -> None:
+        """Standardise inputs with the per-dimension mean and standard deviation of these
+        training features ``[N, feature_dim]``. Dimensions that (almost) never vary are only
+        centred: dividing by a near-zero spread would blow up noise."""
+        if not self.standardize_features:
+            raise ConfigError("set_feature_statistics needs a generator built with standardize_features")
+        if features.ndim != 2 or features.shape[1] != self.feature_dim or features.shape[0] < 2:
+            raise ValueError(f"need features [N >= 2, {self.feature_dim}], got {tuple(features.shape)}")
+        features = features.double()
+        std = features.std(dim=0, unbiased=False)
+        varies = std > std.max() * 1e-6
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_std.copy_(torch.where(varies, std, torch.ones_like(std)))
 
     def condition(self, features: Tensor, class_ids: Tensor) -> Tensor:
         """Concatenate features and class embeddings: ``[B, feature_dim + class_dim]``."""
@@ -268,6 +300,8 @@ class ConchShellGenerator(nn.Module):
         if self.normalize_features:
             features = features.float()
             features = features * torch.rsqrt(features.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.standardize_features:
+            features = (features.float() - self.feature_mean) / self.feature_std
         return torch.cat([features.to(embedding.dtype), embedding], dim=1)
 
     def body_forward(self, conditioning: Tensor) -> Tensor:

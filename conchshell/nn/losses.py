@@ -77,7 +77,8 @@ class LossWeights:
     """Weights of the generator objective (paper eq. 6 plus the released code's latent terms).
 
     Defaults are the paper's. Term names used by :func:`generator_objective`:
-    ``adversarial``, ``feature_matching``, ``wave``, ``mel``, ``latent``, ``quantized_latent``.
+    ``adversarial``, ``feature_matching``, ``wave``, ``mel``, ``latent``, ``quantized_latent``,
+    ``commitment`` (not in the paper: the latent's L1 to its own nearest codes).
     """
 
     lambda_g: float = 0.5
@@ -86,6 +87,7 @@ class LossWeights:
     lambda_mel: float = 15.0
     lambda_latent: float = 0.0
     lambda_quantized_latent: float = 0.0
+    lambda_commitment: float = 0.0
 
     @classmethod
     def original_code(cls) -> "LossWeights":
@@ -105,6 +107,7 @@ _TERM_FIELDS = {
     "mel": "lambda_mel",
     "latent": "lambda_latent",
     "quantized_latent": "lambda_quantized_latent",
+    "commitment": "lambda_commitment",
 }
 
 

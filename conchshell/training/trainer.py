@@ -228,6 +228,8 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     # --- data
     uses_cache = config.data.feature_cache is not None and stage.name == "gan"
     train_set, val_set, collate = make_datasets(config, getattr(stage, "frontend") if uses_cache else None)
+    if resume_path is None:
+        stage.prepare(train_set, collate)
     sampler = ResumableSampler(len(train_set), dist_info, tc.seed)
     # A private generator: creating a DataLoader iterator must not consume the global RNG,
     # or a run resumed mid-epoch would draw different random numbers from then on.

@@ -133,3 +133,42 @@ def test_bad_arguments() -> None:
         MultiScaleDiscriminator(width=0.0)
     with pytest.raises(ValueError, match=r"latent must be \[B, 64, T\]"):
         MultiScaleDiscriminator(width=0.0625)(torch.randn(1, 32, 100))
+
+
+def test_class_conditional_discriminator_starts_as_the_unconditional_one_and_learns_per_class() -> None:
+    torch.manual_seed(0)
+    plain = MultiScaleDiscriminator(latent_channels=8, width=0.0625)
+    conditional = MultiScaleDiscriminator(latent_channels=8, width=0.0625, num_classes=6)
+    missing = conditional.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == [f"scales.{i}.class_projection.weight" for i in range(3)]
+    latent, classes = torch.randn(2, 8, 300), torch.tensor([0, 5])
+    for a, b in zip(plain(latent), conditional(latent, classes)):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    # Only the score moves with the class, by <embedding, last feature map> at each position.
+    with torch.no_grad():
+        for scale in conditional.scales:
+            scale.class_projection.weight.normal_()
+    first, second = conditional(latent, torch.tensor([0, 0])), conditional(latent, torch.tensor([1, 1]))
+    for a, b in zip(first, second):
+        for x, y in zip(a[:-1], b[:-1]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+        assert not torch.allclose(a[-1], b[-1])
+    features = first[0][-2]
+    expected = plain(latent)[0][-1] + (conditional.scales[0].class_projection.weight[0][None, :, None]
+                                       * features).sum(1, keepdim=True)
+    torch.testing.assert_close(first[0][-1], expected)
+    (sum(scale[-1].mean() for scale in second)).backward()
+    assert all(scale.class_projection.weight.grad[1].abs().sum() > 0 for scale in conditional.scales)
+
+
+def test_class_ids_are_required_exactly_when_conditional() -> None:
+    latent = torch.randn(2, 8, 300)
+    with pytest.raises(ValueError, match="needs class_ids"):
+        MultiScaleDiscriminator(latent_channels=8, width=0.0625, num_classes=6)(latent)
+    with pytest.raises(ValueError, match="needs class_ids"):
+        MultiScaleDiscriminator(latent_channels=8, width=0.0625)(latent, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"class_ids must be \[2\]"):
+        MultiScaleDiscriminator(latent_channels=8, width=0.0625, num_classes=6)(latent, torch.tensor([0]))
+    with pytest.raises(ConfigError, match="num_classes"):
+        MultiScaleDiscriminator(num_classes=0)

@@ -224,6 +224,36 @@ def test_normalize_features_scales_each_item_to_unit_rms_without_parameters() ->
     assert build_generator(**scaled.hparams).normalize_features
 
 
+def test_standardize_features_uses_the_training_statistics_saved_with_the_weights() -> None:
+    torch.manual_seed(0)
+    plain = build_generator("low", latent_length=20, feature_dim=12, class_dim=4, width=0.0625,
+                            signal_length=256).eval()
+    standard = build_generator(**{**plain.hparams, "standardize_features": True}).eval()
+    assert set(standard.state_dict()) - set(plain.state_dict()) == {"feature_mean", "feature_std"}
+    standard.load_state_dict(plain.state_dict(), strict=False)
+    # Non-negative, nearly parallel features like a frozen I3D's; one dimension never varies.
+    training = 1e5 * (1.0 + 0.01 * torch.rand(50, 12))
+    training[:, 3] = 7.0
+    standard.set_feature_statistics(training)
+    mean, std = training.double().mean(0), training.double().std(0, unbiased=False)
+    std[3] = 1.0  # constant dimensions are only centred
+    torch.testing.assert_close(standard.feature_mean, mean.float())
+    torch.testing.assert_close(standard.feature_std, std.float())
+    features, class_ids = training[:2], torch.tensor([1, 4])
+    with torch.no_grad():
+        expected = plain(((features.double() - mean) / std).float(), class_ids)
+        torch.testing.assert_close(standard(features, class_ids), expected, rtol=1e-4, atol=1e-3)
+    rebuilt = build_generator(**standard.hparams)
+    rebuilt.load_state_dict(standard.state_dict())
+    torch.testing.assert_close(rebuilt.feature_mean, standard.feature_mean)
+    with pytest.raises(ValueError, match=r"N >= 2"):
+        standard.set_feature_statistics(training[:1])
+    with pytest.raises(ConfigError, match="standardize_features"):
+        plain.set_feature_statistics(training)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        build_generator(**{**plain.hparams, "normalize_features": True, "standardize_features": True})
+
+
 def test_hparams_rebuild_the_same_architecture() -> None:
     for level in PAPER:
         model = build_generator(level, latent_length=24, feature_dim=10, num_classes=3, class_dim=5,

@@ -101,7 +101,8 @@ def test_scale_count_mismatch_is_an_error():
 def test_loss_weight_defaults_are_the_papers_and_original_code_differs():
     paper = LossWeights()
     assert (paper.lambda_g, paper.lambda_fm, paper.lambda_wave, paper.lambda_mel) == (0.5, 3.0, 40.0, 15.0)
-    assert paper.lambda_latent == 0.0 and paper.lambda_quantized_latent == 0.0
+    assert paper.lambda_latent == paper.lambda_quantized_latent == 0.0
+    assert paper.lambda_commitment == 0.0  # not in the paper
     original = LossWeights.original_code()
     assert (original.lambda_g, original.lambda_latent, original.lambda_quantized_latent) == (1.0, 5.0, 8.0)
     assert (original.lambda_fm, original.lambda_wave, original.lambda_mel) == (3.0, 40.0, 15.0)

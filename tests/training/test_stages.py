@@ -164,6 +164,51 @@ def test_wave_and_mel_losses_train_the_generator_only_through_the_straight_throu
     assert any(not torch.equal(v, d_before[k]) for k, v in stage.discriminator.state_dict().items())
 
 
+def test_conditional_discriminator_sees_labels_for_real_and_the_generated_class_for_fake():
+    config = tiny("image.train_class_source=tcnn", "discriminator.class_conditional=true",
+                  "loss.lambda_commitment=2")
+    stage = fresh_gan_stage(config)
+    seen = []
+    for module in (stage.discriminator,):
+        original = module.forward
+        module.forward = lambda latent, class_ids, original=original: seen.append(class_ids.tolist()) or original(
+            latent, class_ids)
+    projections = [scale.class_projection.weight for scale in stage.discriminator.scales]
+    before = [w.clone() for w in projections]
+    losses = stage.train_step([synthetic_batch(config)])
+    # label [1, 4] for the real latents, the TCNN's [3, 5] for the fakes; D phase, then G phase.
+    assert seen == [[1, 4, 3, 5], [1, 4, 3, 5]]
+    assert "g/commitment" in set(losses)
+    assert all(not torch.equal(w, b) for w, b in zip(projections, before))
+
+
+def test_commitment_pulls_the_latent_towards_its_nearest_codes():
+    config = tiny("loss.lambda_g=0", "loss.lambda_fm=0", "loss.lambda_wave=0", "loss.lambda_mel=0",
+                  "loss.lambda_commitment=1")
+    stage = fresh_gan_stage(config)
+    batch = synthetic_batch(config)
+    features, classes = stage.conditioning(batch, "label")
+    fake = stage.generator(features, classes).detach().requires_grad_(True)
+    real = stage.real_latent(batch["audio"])
+    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    nearest = stage.codec.dequantize(stage.codec.quantize(fake.detach()))
+    torch.testing.assert_close(terms["commitment"], (fake.detach() - nearest).abs().mean())
+    terms["commitment"].backward()
+    torch.testing.assert_close(fake.grad, torch.sign(fake.detach() - nearest) / fake.numel())
+
+
+def test_prepare_sets_the_standardisation_from_training_features_only_when_asked():
+    config = tiny("generator.standardize_features=true")
+    stage = fresh_gan_stage(config)
+    batch = synthetic_batch(config)
+    items = [{key: value[i] for key, value in batch.items()} for i in range(2)]
+    stage.prepare(items, torch.utils.data.default_collate)
+    torch.testing.assert_close(stage.generator.feature_mean, batch["features"].mean(0))
+    plain = fresh_gan_stage(tiny())
+    plain.prepare(items, torch.utils.data.default_collate)  # nothing to set: no error, no buffers
+    assert "feature_mean" not in plain.generator.state_dict()
+
+
 def test_class_source_selects_label_or_tcnn_prediction():
     batch = synthetic_batch(tiny())
     label_stage = fresh_gan_stage(tiny())

@@ -19,6 +19,7 @@ from conchshell.config import load_config
 from conchshell.export import load_generator_export
 from conchshell.models.factory import build_codec, build_tcnn_from_config
 from conchshell.training.checkpointing import CheckpointManager
+from conchshell.training.trainer import make_datasets
 
 from .conftest import PYTHON, REPO, subprocess_env
 
@@ -148,6 +149,18 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(gan_refer
     assert "Traceback" not in result.stderr
     assert not list(out.glob("ckpt-step=*")) and not list(out.glob("G-step=*"))
     assert CheckpointManager.load(start)["step"] == 2  # the good checkpoint is untouched
+
+
+def test_fresh_run_standardises_features_with_the_training_set_statistics(tiny_corpus, tmp_path):
+    out = tmp_path / "standardised"
+    assert_ok(run_train(out, *data_overrides(tiny_corpus), "generator.standardize_features=true",
+                        "train.max_steps=1", "train.max_val_items=1"))
+    generator, _, _ = load_generator_export(out / "G-step=1.pt")
+    config = load_config(REPO / "configs/tiny.yaml", data_overrides(tiny_corpus))
+    train_set, _, _ = make_datasets(config)
+    features = torch.stack([train_set[i]["features"].float() for i in range(len(train_set))]).double()
+    torch.testing.assert_close(generator.feature_mean, features.mean(0).float())
+    assert not torch.equal(generator.feature_std, torch.ones_like(generator.feature_std))
 
 
 @pytest.mark.heavy

@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any, ContextManager, Iterable, Mapping
+from typing import Any, Callable, ContextManager, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Dataset
 
 from conchshell.config import Config
 from conchshell.constants import IMAGE_MEAN, IMAGE_STD
@@ -85,6 +86,10 @@ class Stage:
         self.schedulers: dict[str, LRScheduler] = {}
 
     # ------------------------------------------------------------------ for subclasses
+    def prepare(self, train_set: Dataset, collate: Callable[[list[Any]], Batch]) -> None:
+        """Set what a fresh run derives from its training data before the first step (not
+        called on resume: the checkpoint carries it). Every rank computes the same."""
+
     def train_step(self, micro_batches: list[Batch]) -> dict[str, Tensor]:
         """One optimiser step over ``micro_batches`` (gradient accumulation); returns detached
         loss scalars for logging. Raises NonFiniteLossError before stepping on a NaN/Inf."""

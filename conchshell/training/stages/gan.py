@@ -7,8 +7,12 @@ generator targets is ever encoded). One step (DESIGN.md section 3):
 1. discriminator: hinge loss on the real level latent ``codec.encode(audio)`` and on
    ``fake.detach()``; AdamW step;
 2. generator: ``generator_objective`` over the adversarial hinge loss, feature matching,
-   wave and mel L1 of ``quantized_audio(codec, fake)`` against the real clip, and the
-   released code's latent L1 terms; terms whose weight is 0 are not computed.
+   wave and mel L1 of ``quantized_audio(codec, fake)`` against the real clip, the
+   released code's latent L1 terms and the optional commitment of the latent to its nearest
+   codes; terms whose weight is 0 are not computed.
+
+With ``discriminator.class_conditional`` the discriminator also sees the class: the real
+latent its clip's label, the fake the class the generator was asked for.
 
 With ``train.gan_segment_seconds`` both steps see one random window per item (same
 frames of the real latent, the fake latent and the clip) instead of whole clips; the
@@ -23,11 +27,12 @@ from __future__ import annotations
 import dataclasses
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from conchshell.config import Config
 from conchshell.errors import ConfigError
@@ -53,6 +58,9 @@ from conchshell.training.optim import clip_gradients, gan_optimisers
 from conchshell.training.stages import Batch, Stage, take_windows, to_device
 
 CLASS_SOURCES = ("label", "tcnn")
+# Training items whose image features set the generator's standardisation (first ones, in
+# manifest order: the same on every rank).
+FEATURE_STATISTICS_ITEMS = 1024
 
 
 def loss_weights(config: Config) -> LossWeights:
@@ -132,6 +140,14 @@ class GanStage(Stage):
             return audio
         return take_windows(audio, starts * self.samples_per_frame, self.window_frames * self.samples_per_frame)
 
+    def prepare(self, train_set: Dataset, collate: Callable[[list[Any]], Batch]) -> None:
+        if not self.generator.standardize_features:
+            return
+        count = min(len(train_set), FEATURE_STATISTICS_ITEMS)
+        loader = DataLoader(Subset(train_set, range(count)), batch_size=8, collate_fn=collate)
+        features = torch.cat([self.image_features(to_device(batch, self.device))[0] for batch in loader])
+        self.generator.set_feature_statistics(features)
+
     # ------------------------------------------------------------------ inputs
     @property
     def frontend(self) -> ImageFrontend:
@@ -160,23 +176,27 @@ class GanStage(Stage):
             return self.codec.encode(audio.float())
 
     # ------------------------------------------------------------------ losses
-    def discriminator_loss(self, real: Tensor, fake: Tensor) -> Tensor:
-        # One forward of real and fake together: DDP expects one forward per backward.
+    def judge(self, discriminator: torch.nn.Module, real: Tensor, fake: Tensor, real_classes: Tensor,
+              fake_classes: Tensor) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+        """Discriminator outputs (float32) for real and fake, in one forward of both (DDP
+        expects one forward per backward)."""
+        classes = torch.cat([real_classes, fake_classes]) if self.config.discriminator.class_conditional else None
         with self.autocast():
-            outputs = self.d(torch.cat([real, fake.detach().to(real.dtype)]))
-        real_out, fake_out = split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
-        return discriminator_hinge_loss(real_out, fake_out)
+            outputs = discriminator(torch.cat([real, fake.to(real.dtype)]), classes)
+        return split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
 
-    def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor) -> dict[str, Tensor]:
+    def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor) -> Tensor:
+        return discriminator_hinge_loss(*self.judge(self.d, real, fake.detach(), real_classes, fake_classes))
+
+    def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor, real_classes: Tensor,
+                        fake_classes: Tensor) -> dict[str, Tensor]:
         """Every generator loss term with a non-zero weight (unweighted)."""
         w = self.weights
         terms: dict[str, Tensor] = {}
         if w.lambda_g or w.lambda_fm:
             # The unwrapped discriminator with frozen weights: gradients reach ``fake`` only,
             # and no discriminator all-reduce is spent on the generator's step.
-            with self.autocast():
-                outputs = self.discriminator(torch.cat([real, fake.to(real.dtype)]))
-            real_out, fake_out = split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
+            real_out, fake_out = self.judge(self.discriminator, real, fake, real_classes, fake_classes)
             if w.lambda_g:
                 terms["adversarial"] = generator_hinge_loss(fake_out)
             if w.lambda_fm:
@@ -195,6 +215,10 @@ class GanStage(Stage):
             with torch.no_grad():
                 quantized_real = self.codec.dequantize(self.codec.quantize(real))
             terms["quantized_latent"] = F.l1_loss(fake.float(), quantized_real)
+        if w.lambda_commitment:
+            with torch.no_grad():
+                nearest = self.codec.dequantize(self.codec.quantize(fake.detach().float()))
+            terms["commitment"] = F.l1_loss(fake.float(), nearest)
         return terms
 
     # ------------------------------------------------------------------ one step
@@ -216,11 +240,11 @@ class GanStage(Stage):
             with self.autocast(), torch.set_grad_enabled(keep_graph):
                 fake = self.window_latent((self.g if keep_graph else self.generator)(features, class_ids), starts)
             with self.sync_gradients(self.d, index == accum - 1):
-                d_loss = self.discriminator_loss(real, fake) / accum
+                d_loss = self.discriminator_loss(real, fake, batch["class_id"].long(), class_ids) / accum
                 d_loss.backward()
             d_total += d_loss.detach()
-            prepared.append((self.window_audio(batch["audio"], starts), features, class_ids, real,
-                             fake if keep_graph else None, starts))
+            prepared.append((self.window_audio(batch["audio"], starts), features, class_ids,
+                             batch["class_id"].long(), real, fake if keep_graph else None, starts))
         self.check_finite({"discriminator": d_total})
         clip_gradients(self.discriminator, self.config.optim.grad_clip)
         self.optimizers["discriminator"].step()
@@ -230,12 +254,12 @@ class GanStage(Stage):
         g_total = torch.zeros((), device=self.device)
         self.discriminator.requires_grad_(False)
         try:
-            for index, (audio, features, class_ids, real, fake, starts) in enumerate(prepared):
+            for index, (audio, features, class_ids, real_classes, real, fake, starts) in enumerate(prepared):
                 with self.sync_gradients(self.g, index == accum - 1):
                     if fake is None:
                         with self.autocast():
                             fake = self.window_latent(self.g(features, class_ids), starts)
-                    terms = self.generator_terms(fake, real, audio)
+                    terms = self.generator_terms(fake, real, audio, real_classes, class_ids)
                     g_loss = generator_objective(terms, self.weights) / accum
                     # All terms can be gradient-free (wave/mel only, straight_through off:
                     # the released code's behaviour); then there is nothing to back-propagate.
