@@ -80,7 +80,8 @@ class GeneratorConfig:
     # features of order 1e5, which saturate every tanh of an unnormalised generator.
     normalize_features: bool = False
     # Standardise image features per dimension with the training set's mean and standard
-    # deviation (computed by the GAN stage when a run starts, saved with the generator).
+    # deviation (of the first 1024 training items, computed by the GAN stage when a run
+    # starts, saved with the generator).
     # Frozen I3D features are non-negative and nearly parallel (cosine ~0.997 between images
     # for the demo's seeded I3D), so without centring every image looks alike to the generator.
     standardize_features: bool = False

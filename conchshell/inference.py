@@ -50,6 +50,7 @@ from conchshell.models.codec import AudioCodec
 from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
 from conchshell.models.generator import ConchShellGenerator
+from conchshell.utils.precision import PRECISIONS, autocast_for, bf16_supported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CROSSFADE_SECONDS = 0.5
@@ -139,8 +140,16 @@ class ImageToMusic:
 
     def __init__(self, generator: ConchShellGenerator, frontend: ImageFrontend, codec: AudioCodec,
                  config: Config, device: str | torch.device | None = None,
-                 meta: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 meta: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 precision: str = "fp32") -> None:
         self.device = resolve_device(device)
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if precision == "bf16" and not bf16_supported(self.device):
+            raise ConfigError(f"bf16 is not supported on {self.device}; use fp32")
+        # bf16 autocast covers the frontend and the generator; the codec always runs in fp32
+        # (in bf16 the nearest-code search flips codes and the decoded audio drifts).
+        self.precision = precision
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.frontend = frontend.eval().to(self.device)
         self.codec = codec.eval().requires_grad_(False).to(self.device)
@@ -150,12 +159,12 @@ class ImageToMusic:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        max_pixels: int = DEFAULT_MAX_PIXELS) -> "ImageToMusic":
+                        max_pixels: int = DEFAULT_MAX_PIXELS, precision: str = "fp32") -> "ImageToMusic":
         """Load a generator export (``G-step=N.pt``) and every frozen network its config names."""
         generator, config, meta = load_generator_export(path)
         config = resolve_weight_paths(config, path)
         return cls(generator, build_frontend(config), build_codec(config), config, device,
-                   {**meta, "checkpoint": str(path)}, max_pixels)
+                   {**meta, "checkpoint": str(path)}, max_pixels, precision)
 
     @property
     def sample_rate(self) -> int:
@@ -182,10 +191,11 @@ class ImageToMusic:
 
         ``class_ids`` overrides the TCNN's prediction as the generator's conditioning.
         """
-        features, predicted = self.frontend(images.to(self.device))
-        used = predicted if class_ids is None else class_ids.to(self.device).long()
-        latent = self.generator(features, used)
-        audio = self.codec.decode(self.codec.quantize(latent), self.clip_samples)[:, 0]
+        with autocast_for(self.device, self.precision):
+            features, predicted = self.frontend(images.to(self.device))
+            used = predicted if class_ids is None else class_ids.to(self.device).long()
+            latent = self.generator(features, used)
+        audio = self.codec.decode(self.codec.quantize(latent.float()), self.clip_samples)[:, 0]
         audio = audio.float().cpu()
         if not torch.isfinite(audio).all():
             raise ConchShellError(f"{self.meta.get('checkpoint', 'the generator')} produced non-finite "

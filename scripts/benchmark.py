@@ -55,10 +55,9 @@ from conchshell.models.frontend import ImageFrontend  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
+from conchshell.utils.precision import PRECISIONS, autocast_for  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
-    PRECISIONS,
     Timing,
-    autocast_for,
     count_flops,
     format_bytes,
     matmul_ceiling,

@@ -235,7 +235,8 @@ def untrained_twin(model: Any, seed: int) -> Any:
     # hparams is the export's generator_hparams as rebuilt by load_generator_export.
     generator = build_generator(**model.generator.hparams)
     meta = {"checkpoint": f"the untrained generator (architecture of {model.meta.get('checkpoint')}, seed {seed})"}
-    return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels)
+    return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels,
+                        model.precision)
 
 
 def generate_clips(models: dict[str, Any], records: list, out_dir: Path, class_source: str

@@ -13,11 +13,11 @@ import torch
 
 from conchshell.utils.benchmark import (
     PeakMemory,
-    autocast_for,
     count_flops,
     matmul_ceiling,
     time_call,
 )
+from conchshell.utils.precision import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

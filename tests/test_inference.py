@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
 import conchshell
 from conchshell.config import load_config
 from conchshell.constants import CLASS_NAMES
-from conchshell.errors import CheckpointError, ConchShellError
+from conchshell.errors import CheckpointError, ConchShellError, ConfigError
 from conchshell.export import save_generator_export
 from conchshell.inference import ImageToMusic, join_with_crossfade, write_wav
 from conchshell.models.factory import build_generator_from_config
@@ -62,7 +63,7 @@ def make_image(path: Path, color=(30, 120, 200), size=(64, 48)) -> Path:
 @pytest.fixture
 def preloaded(model, monkeypatch):
     """Let the CLI reuse the module's loaded model (loading is covered by the single-image test)."""
-    monkeypatch.setattr(ImageToMusic, "from_checkpoint", classmethod(lambda cls, path, device=None: model))
+    monkeypatch.setattr(ImageToMusic, "from_checkpoint", classmethod(lambda cls, path, **options: model))
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int, str]:
@@ -84,6 +85,33 @@ def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path
     # A PIL image in memory is prepared exactly as its file: one preprocessing path.
     with Image.open(image) as pil:
         assert model.prepare(pil.copy()).equal(model.prepare(image))
+
+
+def test_bf16_runs_the_image_networks_and_generator_in_bf16_and_the_codec_in_fp32(model, tiny_config, tmp_path):
+    fast = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
+    seen = {}
+
+    def record(module, args, out):
+        seen["generator"] = out.dtype
+
+    hook = model.generator.register_forward_hook(record)
+    original = model.codec.quantize
+
+    def quantize(latent):
+        seen["quantize"] = latent.dtype
+        return original(latent)
+
+    model.codec.quantize = quantize
+    try:
+        waveform, rate = fast.generate(make_image(tmp_path / "sea.png"))
+    finally:
+        hook.remove()
+        del model.codec.quantize
+    assert seen == {"generator": torch.bfloat16, "quantize": torch.float32}
+    assert waveform.dtype == np.float32 and waveform.shape == (tiny_config.clip_samples,) and np.isfinite(waveform).all()
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="fp16")
+    assert cli.parse_args(["--precision", "bf16"]).precision == "bf16" and cli.parse_args([]).precision == "fp32"
 
 
 def test_class_override_reaches_generator_and_prediction_is_kept(model, tmp_path):

@@ -49,7 +49,13 @@ class AudioCodec(nn.Module):
 
     def decode_latent(self, latent: Tensor, num_samples: int | None = None) -> Tensor:
         """Latent -> audio [B,1,T] at ``audio_rate`` (differentiable), trimmed to ``num_samples``."""
-        audio = self.from_codec(self.vqvae.decode_latent(latent, self.level))
+        if latent.device.type == "cpu" and latent.shape[0] > 1:
+            # On CPU the decoder's activations at audio rate outgrow the caches when batched:
+            # one item at a time decodes a batch of 4 Deep latents in 1.1 s instead of 2.9 s.
+            decoded = torch.cat([self.vqvae.decode_latent(item, self.level) for item in latent.split(1)])
+        else:
+            decoded = self.vqvae.decode_latent(latent, self.level)
+        audio = self.from_codec(decoded)
         return audio[..., :num_samples] if num_samples is not None else audio
 
     def decode(self, codes: Tensor, num_samples: int | None = None) -> Tensor:

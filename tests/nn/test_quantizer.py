@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from conchshell.nn.quantizer import Bottleneck, CodebookQuantizer
+from conchshell.nn.quantizer import NEAREST_BLOCK_ROWS, Bottleneck, CodebookQuantizer
 
 
 def _quantizer(l_bins: int = 16, emb_width: int = 4, seed: int = 0) -> CodebookQuantizer:
@@ -31,6 +31,15 @@ def test_quantize_is_nearest_neighbour():
     expected = torch.cdist(_rows(latent), q.k).argmin(dim=1).view(2, 50)
     assert codes.dtype == torch.long and codes.shape == (2, 50)
     assert torch.equal(codes, expected)
+
+
+def test_long_latents_are_searched_in_blocks_with_the_same_result():
+    q = _quantizer(l_bins=64, emb_width=8)
+    latent = torch.randn(2, 8, NEAREST_BLOCK_ROWS + 300)  # rows span three blocks
+    expected = torch.cdist(_rows(latent), q.k).argmin(dim=1).view(2, -1)
+    assert torch.equal(q.quantize(latent), expected)
+    output = q(latent, update_codebook=False)
+    torch.testing.assert_close(output.commit_loss, F.mse_loss(q.dequantize(expected), latent))
 
 
 def test_ties_go_to_the_first_code():

@@ -26,6 +26,7 @@ from conchshell.constants import IMAGE_MEAN, IMAGE_STD
 from conchshell.errors import ConchShellError, ConfigError
 from conchshell.training.distributed import DistInfo, all_reduce_mean
 from conchshell.training.logging import MetricsLogger
+from conchshell.utils.precision import bf16_supported
 
 Batch = dict[str, Any]
 
@@ -37,13 +38,6 @@ class NonFiniteLossError(ConchShellError):
         super().__init__(f"loss term '{term}' is {value}")
         self.term = term
         self.value = value
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast runs on every CPU torch supports; on CUDA it needs Ampere or newer."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
 
 
 def unnormalise_image(image: Tensor) -> Tensor:
