@@ -43,8 +43,9 @@ class ImageMusicDataset(Dataset):
       features computed on the fly. Batch such items with
       :func:`~conchshell.data.feature_cache.collate_cached`.
 
-    Call :meth:`set_epoch` at the start of every epoch (as with ``DistributedSampler``)
-    so training crops change from epoch to epoch. ``cache_audio`` keeps decoded pieces
+    Training crops change from epoch to epoch: index it with ``(epoch, index)`` keys (what
+    the trainer's sampler yields, so DataLoader workers can persist across epochs), or
+    call :meth:`set_epoch` and index it with plain integers. ``cache_audio`` keeps decoded pieces
     in memory (one copy per DataLoader worker process); useful when many images share a
     piece and resampling dominates, off by default to keep memory flat.
     """
@@ -83,12 +84,13 @@ class ImageMusicDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         record = self.records[index]
         image = load_image(record.image, max_pixels=self.max_pixels)
         audio = self._audio(record)
         if self.train:
-            rng = item_generator(self.seed, self.epoch, index)
+            rng = item_generator(self.seed, epoch, index)
             clip = random_crop_or_pad(audio, self.clip_samples, rng)
             clip = random_gain(clip, rng, *self.gain_range)
         else:

@@ -59,12 +59,14 @@ class TrainingDivergedError(ConchShellError):
 # ----------------------------------------------------------------------------- data order
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(Sampler[tuple[int, int]]):
     """DistributedSampler's shuffled order for one epoch, starting ``start`` items in.
 
     The order depends only on (seed, epoch, rank, world size), so skipping the items an
     interrupted run already consumed resumes the epoch with the same samples in the same
-    order. With one process it is a plain seeded shuffle.
+    order. With one process it is a plain seeded shuffle. It yields ``(epoch, index)``
+    keys: the dataset draws each item's crop and gain from them, so DataLoader workers
+    need no per-epoch message and can persist across epochs.
     """
 
     def __init__(self, dataset_size: int, dist_info: DistInfo, seed: int) -> None:
@@ -76,8 +78,9 @@ class ResumableSampler(Sampler[int]):
         self.inner.set_epoch(epoch)
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.inner), self.start, None)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.inner.epoch
+        return ((epoch, index) for index in itertools.islice(iter(self.inner), self.start, None))
 
     def __len__(self) -> int:
         return max(0, len(self.inner) - self.start)
@@ -233,8 +236,11 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     sampler = ResumableSampler(len(train_set), dist_info, tc.seed)
     # A private generator: creating a DataLoader iterator must not consume the global RNG,
     # or a run resumed mid-epoch would draw different random numbers from then on.
+    # Workers persist across epochs: the sampler's (epoch, index) keys carry all the
+    # per-epoch randomness, so nothing has to reach the workers' copies of the dataset.
     loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, drop_last=True, collate_fn=collate,
                         num_workers=config.data.num_workers, pin_memory=dist_info.device.type == "cuda",
+                        persistent_workers=config.data.num_workers > 0,
                         generator=torch.Generator().manual_seed(tc.seed))
     steps_per_epoch = (sampler.epoch_size // tc.batch_size) // tc.grad_accum
     if steps_per_epoch == 0:
@@ -257,7 +263,6 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     try:
         while step < tc.max_steps:
             sampler.set_epoch(epoch, start=position * tc.batch_size)
-            train_set.set_epoch(epoch)
             batches = iter(loader)
             for _ in range(steps_per_epoch - position // tc.grad_accum):
                 if step >= tc.max_steps:

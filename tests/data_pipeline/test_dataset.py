@@ -87,6 +87,30 @@ def test_validation_is_deterministic_centre_crop_at_gain_one(records):
     np.testing.assert_array_equal(first[0].numpy(), full[offset : offset + CLIP])
 
 
+def test_epoch_index_keys_let_persistent_workers_follow_the_epochs(records):
+    dataset = ImageMusicDataset(records, sample_rate=RATE, clip_seconds=CLIP_SECONDS, train=True, seed=2)
+    dataset.set_epoch(4)
+    torch.testing.assert_close(dataset[(4, 1)]["audio"], dataset[1]["audio"], atol=0, rtol=0)
+    assert dataset[(4, 1)]["index"] == 1 and not torch.equal(dataset[(5, 1)]["audio"], dataset[1]["audio"])
+
+    class EpochKeys:  # what the trainer's sampler does: the epoch travels with each index
+        epoch = 0
+
+        def __iter__(self):
+            return iter([(self.epoch, index) for index in range(len(records))])
+
+        def __len__(self):
+            return len(records)
+
+    keys = EpochKeys()
+    loader = DataLoader(dataset, batch_size=len(records), sampler=keys, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1):
+        keys.epoch = epoch
+        (batch,) = list(loader)
+        expected = torch.stack([dataset[(epoch, index)]["audio"] for index in range(len(records))])
+        torch.testing.assert_close(batch["audio"], expected, atol=0, rtol=0)
+
+
 def test_worker_count_does_not_change_batches(records):
     def batches(workers):
         dataset = ImageMusicDataset(records, sample_rate=RATE, clip_seconds=CLIP_SECONDS, train=True, seed=2)
