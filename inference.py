@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from conchshell.constants import CLASS_NAMES
+from conchshell.constants import CLASS_NAMES, PRECISIONS
 from conchshell.data.manifest import IMAGE_EXTENSIONS
 from conchshell.errors import ConchShellError
 
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spectrogram", action=argparse.BooleanOptionalAction, default=None,
                         help="also save <wav name>.png, a log-mel picture (default: on only without --img_path)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch/numpy/python (default 0)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (default) or bf16 autocast for the image networks and the generator "
                              "(the codec stays fp32): faster, audio close to but not bit-equal with fp32")
     args = parser.parse_args(argv)

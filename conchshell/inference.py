@@ -50,7 +50,7 @@ from conchshell.models.codec import AudioCodec
 from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
 from conchshell.models.generator import ConchShellGenerator
-from conchshell.utils.precision import PRECISIONS, autocast_for, bf16_supported
+from conchshell.utils.precision import autocast_for, bf16_supported, check_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CROSSFADE_SECONDS = 0.5
@@ -143,8 +143,7 @@ class ImageToMusic:
                  meta: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  precision: str = "fp32") -> None:
         self.device = resolve_device(device)
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        check_precision(precision, "ImageToMusic")
         if precision == "bf16" and not bf16_supported(self.device):
             raise ConfigError(f"bf16 is not supported on {self.device}; use fp32")
         # bf16 autocast covers the frontend and the generator; the codec always runs in fp32

@@ -43,7 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conchshell.config import Config, config_to_dict, load_config  # noqa: E402
-from conchshell.constants import IMAGE_SIZE, NUM_CLASSES  # noqa: E402
+from conchshell.constants import IMAGE_SIZE, NUM_CLASSES, PRECISIONS  # noqa: E402
 from conchshell.data.feature_cache import FeatureCache  # noqa: E402
 from conchshell.models.codec import AudioCodec  # noqa: E402
 from conchshell.models.factory import (  # noqa: E402
@@ -55,7 +55,7 @@ from conchshell.models.frontend import ImageFrontend  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
-from conchshell.utils.precision import PRECISIONS, autocast_for  # noqa: E402
+from conchshell.utils.precision import autocast_for  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
     Timing,
     count_flops,

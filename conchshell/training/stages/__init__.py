@@ -26,7 +26,7 @@ from conchshell.constants import IMAGE_MEAN, IMAGE_STD
 from conchshell.errors import ConchShellError, ConfigError
 from conchshell.training.distributed import DistInfo, all_reduce_mean
 from conchshell.training.logging import MetricsLogger
-from conchshell.utils.precision import bf16_supported
+from conchshell.utils.precision import bf16_supported, check_precision
 
 Batch = dict[str, Any]
 
@@ -70,9 +70,7 @@ class Stage:
         self.dist = dist_info
         self.device = dist_info.device
         precision = config.train.precision
-        if precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {precision!r} "
-                              "(fp16 is not offered: it is ~70x slower than fp32 on CPU)")
+        check_precision(precision, "train.precision")
         # bf16 where the hardware has it; silently fp32 elsewhere (e.g. pre-Ampere GPUs).
         self.use_bf16 = precision == "bf16" and bf16_supported(self.device)
         self.models: dict[str, nn.Module] = {}
