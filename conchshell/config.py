@@ -95,6 +95,9 @@ class DiscriminatorConfig:
     # fakes with the class they were generated for). Off in the paper, whose discriminator
     # is unconditional and so gives the generator no reason to sound like its class.
     class_conditional: bool = False
+    # An auxiliary classifier head (AC-GAN) that learns the class of real latents; with
+    # loss.lambda_class the generator is trained to make latents it classifies as their class.
+    auxiliary_classifier: bool = False
 
 
 @dataclass
@@ -110,6 +113,9 @@ class LossConfig:
     # codec's decoder was trained, so the straight-through gradient of the wave/mel losses
     # describes what changing the codes would do.
     lambda_commitment: float = 0.0
+    # Cross-entropy of the discriminator's auxiliary classifier on the generated latent
+    # against the class it was generated for (needs discriminator.auxiliary_classifier).
+    lambda_class: float = 0.0
     # True: wave/mel losses decode through a straight-through quantiser with gradients.
     # False: the released code's behaviour (argmin codes decoded under no_grad: no gradient).
     straight_through: bool = True

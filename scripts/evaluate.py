@@ -1,4 +1,4 @@
-"""Score generated music against references: PESQ, STOI, spectral distances, class consistency.
+"""Score generated music against references: PESQ, STOI, spectral distances, register, class consistency.
 
     python scripts/evaluate.py --generated DIR --reference DIR [--untrained DIR] [--out DIR]
         [--checkpoint G.pt] [--data MANIFEST | --labels CSV] [--classifier PATH]
@@ -23,7 +23,10 @@ needed (soxr HQ) and trimmed to the shorter of each pair. Scores (see
 conchshell.evaluation.metrics): wide-band PESQ and STOI, as in the paper's Table 2;
 log-mel L1 and multi-resolution STFT distance; the same scores for every other system:
 the untrained generator when given, and with a checkpoint codec(reference) vs reference,
-the ceiling the generator can reach through its codec; class consistency: an audio
+the ceiling the generator can reach through its codec; register agreement: the
+correlation over items between each clip's and its reference's mean spectral pitch (MIDI
+semitones) and their mean absolute difference (``reference_register`` and ``register``
+columns per item); class consistency: an audio
 classifier trained on the reference clips of the manifest's train split (or
 ``--classifier``) predicts each clip's class (every system's, and the reference's),
 compared with the image's class (``--labels`` CSV ``name,class``, or the manifest) and with
@@ -64,7 +67,7 @@ from conchshell.errors import ConchShellError, DataError  # noqa: E402
 
 EVAL_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac")
-METRICS = ("pesq", "stoi", "mel_l1", "mrstft")
+METRICS = ("pesq", "stoi", "mel_l1", "mrstft", "register")
 METRIC_TITLES = {"pesq": "PESQ", "stoi": "STOI", "mel_l1": "mel L1", "mrstft": "MR-STFT"}
 
 
@@ -299,13 +302,13 @@ def codec_reconstructions(model: Any, items: list[EvalItem], out_dir: Path) -> l
 
 
 class SystemScores:
-    """The four signal metrics for one system (one of SYSTEMS) against references."""
+    """The signal metrics (METRICS) for one system (one of SYSTEMS) against references."""
 
     def __init__(self) -> None:
-        from conchshell.evaluation import PESQ, STOI, MelDistance, MultiResolutionSTFT
+        from conchshell.evaluation import PESQ, STOI, MelDistance, MultiResolutionSTFT, RegisterAgreement
 
         self.metrics = {"pesq": PESQ(), "stoi": STOI(), "mel_l1": MelDistance(EVAL_RATE),
-                        "mrstft": MultiResolutionSTFT()}
+                        "mrstft": MultiResolutionSTFT(), "register": RegisterAgreement(EVAL_RATE)}
 
     def update(self, name: str, reference: np.ndarray, estimate: np.ndarray) -> dict[str, float | None]:
         row: dict[str, Any] = {}
@@ -329,7 +332,7 @@ def score_items(items: list[EvalItem], classifier: Any | None) -> tuple[dict[str
     """Score every item; returns (summary per system, per-item rows, items that could not be read)."""
     from tqdm import tqdm
 
-    from conchshell.evaluation import ClassConsistency
+    from conchshell.evaluation import ClassConsistency, spectral_pitch
 
     present = [system for system in SYSTEMS if system == "generated" or any(system in item.others for item in items)]
     systems = {system: SystemScores() for system in present}
@@ -344,7 +347,7 @@ def score_items(items: list[EvalItem], classifier: Any | None) -> tuple[dict[str
         except ConchShellError as exc:
             errors.append({"item": item.name, "error": str(exc)})
             continue
-        row: dict[str, Any] = {"name": item.name}
+        row: dict[str, Any] = {"name": item.name, "reference_register": spectral_pitch(reference, EVAL_RATE)}
         for system, clip in clips.items():
             for key, value in systems[system].update(item.name, reference, clip).items():
                 row[SYSTEMS[system].prefix + key] = value
@@ -382,15 +385,24 @@ def _cell(result: dict[str, Any] | None, digits: int, counts: bool) -> str:
     return text
 
 
+def _register_cell(result: dict[str, Any] | None) -> str:
+    if not result:
+        return "-"
+    r = "n/a" if result["r"] is None else f"{result['r']:.3f}"
+    mae = "n/a" if result["mean"] is None else f"{result['mean']:.1f} st"
+    return f"{r} ({mae})"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table in the spirit of the paper's Table 2, one row per system."""
-    header = ["system", "PESQ (valid/n)", "STOI (valid/n)", "mel L1", "MR-STFT", "class acc (correct/n)"]
+    header = ["system", "PESQ (valid/n)", "STOI (valid/n)", "mel L1", "MR-STFT", "register r (MAE)",
+              "class acc (correct/n)"]
     lines = []
     titles = {**{system: spec.title for system, spec in SYSTEMS.items()}, "reference": "reference"}
     for system, scores in report["systems"].items():
         lines.append([titles.get(system, system), _cell(scores.get("pesq"), 3, True), _cell(scores.get("stoi"), 3, True),
                       _cell(scores.get("mel_l1"), 3, False), _cell(scores.get("mrstft"), 3, False),
-                      _cell(scores.get("class_consistency"), 3, True)])
+                      _register_cell(scores.get("register")), _cell(scores.get("class_consistency"), 3, True)])
     widths = [max(len(row[i]) for row in [header] + lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + lines]
     text.insert(1, "  ".join("-" * width for width in widths))
@@ -404,6 +416,8 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("class_target"):
         target = "the image's class" if report["class_target"] == "label" else "the reference clip's predicted class"
         notes.append(f"class acc: audio classifier's prediction vs {target}; chance = {1 / len(CLASS_NAMES):.3f}")
+    notes.append("register r (MAE): correlation over items of the clip's and its reference's mean spectral pitch "
+                 "(n/a: one side never varies), and their mean absolute difference in semitones")
     return "\n".join(text + notes)
 
 
@@ -431,6 +445,9 @@ def write_reports(out_dir: Path, report: dict[str, Any], rows: list[dict]) -> li
                 if key in scores:
                     r = scores[key]
                     writer.writerow((system, key, r["mean"], r["std"], r["n_valid"], r["n_total"], r["n_failed"]))
+            if "register" in scores:
+                writer.writerow((system, "register_r", scores["register"]["r"], "", scores["register"]["n_valid"],
+                                 scores["register"]["n_total"], ""))
             if "class_consistency" in scores:
                 r = scores["class_consistency"]
                 writer.writerow((system, "class_accuracy", r["accuracy"], "", r["n_correct"], r["n_total"], ""))

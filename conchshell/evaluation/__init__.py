@@ -1,4 +1,4 @@
-"""Objective evaluation of generated music: PESQ, STOI, spectral distances, class consistency."""
+"""Objective evaluation of generated music: PESQ, STOI, spectral distances, register, class consistency."""
 from conchshell.evaluation.audio_classifier import (
     AudioClassifier,
     ClassifierHparams,
@@ -14,7 +14,9 @@ from conchshell.evaluation.metrics import (
     MeanMetric,
     MelDistance,
     MultiResolutionSTFT,
+    RegisterAgreement,
     align,
+    spectral_pitch,
     sum_across_ranks,
 )
 
@@ -27,10 +29,12 @@ __all__ = [
     "MeanMetric",
     "MelDistance",
     "MultiResolutionSTFT",
+    "RegisterAgreement",
     "align",
     "fit_audio_classifier",
     "load_audio_classifier",
     "reference_windows",
     "save_audio_classifier",
+    "spectral_pitch",
     "sum_across_ranks",
 ]

@@ -21,6 +21,11 @@ silently become a score.
   warns and returns 1e-5) and a non-finite score are failures.
 - :class:`MelDistance`: L1 between log10-mel spectrograms (the paper's mel loss features).
 - :class:`MultiResolutionSTFT`: spectral convergence + log-magnitude L1 over three STFTs.
+- :class:`RegisterAgreement`: does a clip sit as high or low on the keyboard as its
+  reference? Each clip's register is the power-weighted mean pitch of its spectrum (MIDI
+  semitones, :func:`spectral_pitch`); the result is the Pearson correlation between
+  estimate and reference registers over the items, and their mean absolute difference.
+  A graded view of class consistency on a corpus whose classes differ by register first.
 - :class:`ClassConsistency`: accuracy of predicted vs target classes, with the confusion
   matrix and chance level 1 / num_classes.
 """
@@ -118,7 +123,10 @@ class MeanMetric:
         ``mean``/``std`` are None when no item was valid. ``failure_reasons`` counts this
         rank's failures by reason.
         """
-        total, squares, n_valid, n_total = self.reduce().tolist()
+        return self._summarise(self.reduce())
+
+    def _summarise(self, state: torch.Tensor) -> dict[str, Any]:
+        total, squares, n_valid, n_total = state.tolist()
         mean = total / n_valid if n_valid else None
         std = math.sqrt(max(squares / n_valid - mean * mean, 0.0)) if n_valid else None
         reasons = Counter(reason for _, reason in self.failures)
@@ -242,6 +250,80 @@ class MultiResolutionSTFT(MeanMetric):
         value = self.distance(torch.from_numpy(estimate).float().view(1, -1),
                               torch.from_numpy(reference).float().view(1, -1), reduction="none")
         return self.record(float(value[0]), item)
+
+
+PITCH_FMIN, PITCH_FMAX = 27.5, 8000.0  # A0 (the piano's lowest key) .. the demo's Nyquist
+PITCH_N_FFT, PITCH_HOP = 2048, 512
+# A spread of registers below a hundredth of a semitone is no variation (and, from sums of
+# squares of values near 60, partly rounding): the correlation is then undefined.
+MIN_REGISTER_SPREAD = 0.01
+
+
+def spectral_pitch(audio: Any, sample_rate: int) -> float | None:
+    """Register of a clip: the mean MIDI pitch ``69 + 12 log2(f / 440)`` of its STFT bins
+    between 27.5 Hz and 8 kHz, weighted by their time-averaged power. Partials lift it above
+    the played notes, equally for every clip, so it orders clips by register. None for silence."""
+    signal = as_signal(audio)
+    peak = float(np.abs(signal).max()) if signal.size else 0.0
+    if peak < SILENCE_PEAK or signal.size < PITCH_N_FFT:
+        return None
+    x = torch.from_numpy(signal / peak).float()
+    power = torch.stft(x, PITCH_N_FFT, PITCH_HOP, window=torch.hann_window(PITCH_N_FFT),
+                       return_complex=True).abs().pow(2).mean(dim=-1).double()
+    frequencies = torch.fft.rfftfreq(PITCH_N_FFT, 1.0 / sample_rate).double()
+    band = (frequencies >= PITCH_FMIN) & (frequencies <= min(PITCH_FMAX, sample_rate / 2))
+    weights = power[band]
+    if float(weights.sum()) <= 0.0:
+        return None
+    pitches = 69.0 + 12.0 * torch.log2(frequencies[band] / 440.0)
+    return float((pitches * weights).sum() / weights.sum())
+
+
+class RegisterAgreement(MeanMetric):
+    """Mean |register(estimate) - register(reference)| in semitones, and the Pearson
+    correlation of the two registers over the items (:func:`spectral_pitch`).
+
+    State: MeanMetric's four sums of the absolute difference, then ``[sum x, sum y,
+    sum x^2, sum y^2, sum xy]`` of the valid items' reference (x) and estimate (y) registers.
+    """
+
+    name = "register"
+
+    def __init__(self, sample_rate: int = 16_000) -> None:
+        self.sample_rate = sample_rate
+        super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self.moments = torch.zeros(5, dtype=torch.float64)
+
+    def update(self, reference: Any, estimate: Any, item: str = "") -> float | None:
+        """Add one item; returns the estimate's register (None if either clip is silent)."""
+        x = spectral_pitch(reference, self.sample_rate)
+        y = spectral_pitch(estimate, self.sample_rate)
+        if x is None or y is None:
+            self.record(None, item, "silent clip")
+            return None
+        self.record(abs(y - x), item)
+        self.moments += torch.tensor([x, y, x * x, y * y, x * y], dtype=torch.float64)
+        return y
+
+    def reduce(self) -> torch.Tensor:
+        return sum_across_ranks(torch.cat([self.state, self.moments]))
+
+    def compute(self) -> dict[str, Any]:
+        """MeanMetric's result (the mean absolute difference) plus ``r``: the Pearson
+        correlation, None with fewer than two items or when either side never varies."""
+        reduced = self.reduce()
+        result = self._summarise(reduced[:4])
+        n = float(reduced[2])
+        sx, sy, sxx, syy, sxy = reduced[4:].tolist()
+        r = None
+        if n >= 2:
+            var_x, var_y = sxx / n - (sx / n) ** 2, syy / n - (sy / n) ** 2
+            if var_x > MIN_REGISTER_SPREAD ** 2 and var_y > MIN_REGISTER_SPREAD ** 2:
+                r = max(-1.0, min(1.0, (sxy / n - sx * sy / n ** 2) / math.sqrt(var_x * var_y)))
+        return {**result, "r": r}
 
 
 class ClassConsistency:

@@ -33,11 +33,17 @@ so that they divide both channel counts.
 2018): every scale adds ``<embed(class), h_t>`` to its score at each position ``t``, where
 ``h`` is its last feature map, so real latents are judged against their own class. The
 embeddings start at zero: a fresh conditional discriminator scores like the unconditional one.
+
+``auxiliary_classes`` (off in the paper) adds an auxiliary classifier (AC-GAN, Odena et al.,
+2017): every scale maps the time average of its last feature map to class logits through a
+Linear head, and :meth:`MultiScaleDiscriminator.class_logits` averages them over scales. The
+heads read the feature maps ``forward`` returns, so the adversarial outputs keep their layout.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from conchshell.errors import ConfigError
@@ -88,7 +94,8 @@ def downsampled_length(num_samples: int) -> int:
 class ScaleDiscriminator(nn.Module):
     """One MelGAN sub-discriminator: ``[B, 1, N]`` -> seven outputs, the score last."""
 
-    def __init__(self, width: float = 1.0, num_classes: int | None = None) -> None:
+    def __init__(self, width: float = 1.0, num_classes: int | None = None,
+                 auxiliary_classes: int | None = None) -> None:
         super().__init__()
         channels = [_scaled(c, width) for c in CHANNELS]
         layers: list[nn.Module] = [
@@ -124,6 +131,9 @@ class ScaleDiscriminator(nn.Module):
         if num_classes is not None:
             self.class_projection = nn.Embedding(num_classes, channels[5])
             nn.init.zeros_(self.class_projection.weight)
+        self.class_head: nn.Linear | None = None
+        if auxiliary_classes is not None:
+            self.class_head = nn.Linear(channels[5], auxiliary_classes)
 
     def forward(self, signal: Tensor, class_ids: Tensor | None = None) -> list[Tensor]:
         outputs = []
@@ -142,7 +152,7 @@ class MultiScaleDiscriminator(nn.Module):
     """``num_scales`` sub-discriminators on the flattened latent at successively halved rates."""
 
     def __init__(self, num_scales: int = 3, latent_channels: int = 64, width: float = 1.0,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, auxiliary_classes: int | None = None) -> None:
         super().__init__()
         if not isinstance(num_scales, int) or num_scales < 1:
             raise ConfigError(f"discriminator num_scales must be a positive integer, got {num_scales!r}")
@@ -150,13 +160,15 @@ class MultiScaleDiscriminator(nn.Module):
             raise ConfigError(f"discriminator latent_channels must be a positive integer, got {latent_channels!r}")
         if not width > 0:
             raise ConfigError(f"discriminator width must be > 0, got {width!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise ConfigError(f"discriminator num_classes must be a positive integer or None, got {num_classes!r}")
+        for name, value in (("num_classes", num_classes), ("auxiliary_classes", auxiliary_classes)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"discriminator {name} must be a positive integer or None, got {value!r}")
         self.num_scales = num_scales
         self.num_classes = num_classes
+        self.auxiliary_classes = auxiliary_classes
         self.latent_channels = latent_channels
         self.width = float(width)
-        self.scales = nn.ModuleList(ScaleDiscriminator(width, num_classes) for _ in range(num_scales))
+        self.scales = nn.ModuleList(ScaleDiscriminator(width, num_classes, auxiliary_classes) for _ in range(num_scales))
         self.downsample = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)
 
     def min_latent_length(self) -> int:
@@ -196,3 +208,14 @@ class MultiScaleDiscriminator(nn.Module):
                 signal = self.downsample(signal)
             results.append(scale(signal, class_ids))
         return results
+
+    def class_logits(self, outputs: list[list[Tensor]]) -> Tensor:
+        """Auxiliary classifier: the outputs of :meth:`forward` -> class logits ``[B, classes]``
+        (float32), the mean over scales of each scale's head on its time-averaged last feature map."""
+        if self.auxiliary_classes is None:
+            raise ConfigError("class_logits needs a discriminator built with auxiliary_classes")
+        if len(outputs) != self.num_scales:
+            raise ValueError(f"expected the outputs of {self.num_scales} scales, got {len(outputs)}")
+        logits = [scale.class_head(scale_outputs[-2].float().mean(dim=2))
+                  for scale, scale_outputs in zip(self.scales, outputs)]
+        return torch.stack(logits).mean(dim=0)

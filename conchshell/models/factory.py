@@ -117,4 +117,5 @@ def build_discriminator_from_config(config: Config) -> MultiScaleDiscriminator:
         latent_channels=config.codec.emb_width,
         width=config.discriminator.width,
         num_classes=NUM_CLASSES if config.discriminator.class_conditional else None,
+        auxiliary_classes=NUM_CLASSES if config.discriminator.auxiliary_classifier else None,
     )

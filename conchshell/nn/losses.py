@@ -78,7 +78,8 @@ class LossWeights:
 
     Defaults are the paper's. Term names used by :func:`generator_objective`:
     ``adversarial``, ``feature_matching``, ``wave``, ``mel``, ``latent``, ``quantized_latent``,
-    ``commitment`` (not in the paper: the latent's L1 to its own nearest codes).
+    ``commitment`` (not in the paper: the latent's L1 to its own nearest codes), ``class``
+    (not in the paper: the auxiliary classifier's cross-entropy on the generated latent).
     """
 
     lambda_g: float = 0.5
@@ -88,6 +89,7 @@ class LossWeights:
     lambda_latent: float = 0.0
     lambda_quantized_latent: float = 0.0
     lambda_commitment: float = 0.0
+    lambda_class: float = 0.0
 
     @classmethod
     def original_code(cls) -> "LossWeights":
@@ -108,6 +110,7 @@ _TERM_FIELDS = {
     "latent": "lambda_latent",
     "quantized_latent": "lambda_quantized_latent",
     "commitment": "lambda_commitment",
+    "class": "lambda_class",
 }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from conchshell.config import load_config
 from conchshell.constants import CLASS_NAMES
+from conchshell.evaluation import spectral_pitch
 from conchshell.export import save_generator_export
 from conchshell.inference import ImageToMusic
 from conchshell.models.factory import build_generator_from_config
@@ -78,10 +79,19 @@ def test_directory_mode_reproduces_direct_pesq_and_stoi(folders, tmp_path, capsy
     assert report["failures"]["generated"]["pesq"][0][0] == "quiet.wav"
     assert report["unpaired"]["generated_only"] == ["extra.wav"]
     summary = list(csv.DictReader(open(out / "metrics.csv")))
-    assert {(r["system"], r["metric"]) for r in summary} >= {("generated", m) for m in ("pesq", "stoi", "mel_l1", "mrstft")}
+    assert {(r["system"], r["metric"]) for r in summary} >= {("generated", m) for m in (
+        "pesq", "stoi", "mel_l1", "mrstft", "register", "register_r")}
+    register = report["systems"]["generated"]["register"]
+    assert register["n_valid"] == 3 and register["failure_reasons"] == {"silent clip": 1}
+    for name in ("clip0.wav", "clip1.wav"):
+        ref, _ = sf.read(reference / name)
+        deg, _ = sf.read(generated / name)
+        assert float(items[name]["reference_register"]) == pytest.approx(spectral_pitch(ref, RATE), abs=1e-6)
+        assert float(items[name]["register"]) == pytest.approx(spectral_pitch(deg, RATE), abs=1e-6)
 
     table = capsys.readouterr().out
     assert "PESQ" in table and "(3/4)" in table and "could not score 1 of 4" in table
+    assert "register r (MAE)" in table and " st)" in table
     assert "class consistency: skipped" in table
 
 

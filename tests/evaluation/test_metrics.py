@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from pystoi import stoi
 
 from conchshell.evaluation import (PESQ, STOI, ClassConsistency, MelDistance, MultiResolutionSTFT,
-                                   fit_audio_classifier, load_audio_classifier, save_audio_classifier)
+                                   RegisterAgreement, fit_audio_classifier, load_audio_classifier,
+                                   save_audio_classifier, spectral_pitch)
 from conchshell.errors import CheckpointError
 from conchshell.nn.spectral import LogMelSpectrogram, MultiResolutionSTFTDistance, mel_l1
 from conchshell.utils.checkpoint import read_weights
@@ -106,6 +107,49 @@ def test_class_consistency_accuracy_and_confusion():
         metric.update([6], [0])
 
 
+def tone(midi: float, seconds: float = 1.0, partials: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 440.0 * 2 ** ((midi - 69) / 12)
+    return sum(0.5 ** k * np.sin(2 * np.pi * f0 * (k + 1) * t) for k in range(partials)).astype(np.float32)
+
+
+def test_spectral_pitch_reads_a_pure_tone_and_orders_registers():
+    # A bin-centred sine: all its power sits at its own pitch (Hann leakage is symmetric in
+    # frequency, so the log-frequency mean moves by a small fraction of a semitone).
+    f0 = 40 * RATE / 2048  # bin 40, 312.5 Hz
+    sine = np.sin(2 * np.pi * f0 * np.arange(RATE) / RATE).astype(np.float32)
+    assert spectral_pitch(sine, RATE) == pytest.approx(69 + 12 * np.log2(f0 / 440), abs=0.05)
+    # Level does not matter; partials lift every clip alike, so the order of registers stays.
+    assert spectral_pitch(0.01 * sine, RATE) == pytest.approx(spectral_pitch(sine, RATE), abs=1e-6)
+    piano_like = [spectral_pitch(tone(m, partials=4), RATE) for m in (43, 52, 58, 65, 72, 80)]
+    assert piano_like == sorted(piano_like) and piano_like[0] > 43
+    assert spectral_pitch(np.zeros(RATE), RATE) is None
+
+
+def test_register_agreement_correlation_and_distance():
+    metric = RegisterAgreement(RATE)
+    references = [tone(m, partials=3) for m in (48, 60, 72)]
+    estimates = [tone(m + 2, partials=3) for m in (48, 60, 72)]  # each two semitones sharp
+    for index, (reference, estimate) in enumerate(zip(references, estimates)):
+        returned = metric.update(reference, estimate, item=f"i{index}")
+        assert returned == pytest.approx(spectral_pitch(estimate, RATE))
+    assert metric.update(references[0], np.zeros(RATE), item="silent") is None
+    result = metric.compute()
+    assert result["r"] == pytest.approx(1.0, abs=1e-3)
+    assert result["mean"] == pytest.approx(2.0, abs=0.3)
+    assert (result["n_valid"], result["n_total"], result["failure_reasons"]) == (3, 4, {"silent clip": 1})
+    # The same output whatever the image (an untrained generator): no correlation to report.
+    constant = RegisterAgreement(RATE)
+    for reference in references:
+        constant.update(reference, estimates[1])
+    assert constant.compute()["r"] is None
+    # Registers that run the wrong way correlate negatively.
+    reversed_order = RegisterAgreement(RATE)
+    for reference, estimate in zip(references, reversed(estimates)):
+        reversed_order.update(reference, estimate)
+    assert reversed_order.compute()["r"] == pytest.approx(-1.0, abs=0.02)
+
+
 def _rank_worker(rank: int, world_size: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world_size)
     try:
@@ -115,7 +159,10 @@ def _rank_worker(rank: int, world_size: int, folder: str) -> None:
             mel.record(value, item=f"r{rank}")
         consistency = ClassConsistency()
         consistency.update([rank, 1], [rank, 0])
-        result = {"mel": mel.compute(), "consistency": consistency.compute()}
+        register = RegisterAgreement(RATE)
+        for midi in ([48, 60] if rank == 0 else [72]):
+            register.update(tone(midi, partials=3), tone(midi + 1, partials=3))
+        result = {"mel": mel.compute(), "consistency": consistency.compute(), "register": register.compute()}
         with open(f"{folder}/rank{rank}.json", "w") as handle:
             json.dump(result, handle)
     finally:
@@ -141,6 +188,8 @@ def test_reduce_sums_counts_across_ranks(tmp_path):
         assert mel["mean"] == pytest.approx(7 / 3)
         assert (mel["n_valid"], mel["n_total"]) == (3, 4)
         assert (consistency["n_correct"], consistency["n_total"]) == (2, 4)
+        # One item on rank 1 alone has no spread; the correlation is over all three items.
+        assert result["register"]["n_valid"] == 3 and result["register"]["r"] == pytest.approx(1.0, abs=1e-3)
 
 
 def test_audio_classifier_learns_saves_and_loads(tmp_path):

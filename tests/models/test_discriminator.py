@@ -162,6 +162,31 @@ def test_class_conditional_discriminator_starts_as_the_unconditional_one_and_lea
     assert all(scale.class_projection.weight.grad[1].abs().sum() > 0 for scale in conditional.scales)
 
 
+def test_auxiliary_classifier_reads_the_last_feature_maps_and_leaves_the_scores_alone() -> None:
+    torch.manual_seed(0)
+    plain = MultiScaleDiscriminator(latent_channels=8, width=0.0625)
+    auxiliary = MultiScaleDiscriminator(latent_channels=8, width=0.0625, auxiliary_classes=6)
+    missing = auxiliary.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"scales.{i}.class_head.{p}" for i in range(3) for p in ("weight", "bias"))
+    latent = torch.randn(2, 8, 300)
+    outputs = auxiliary(latent)
+    for a, b in zip(plain(latent), outputs):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    logits = auxiliary.class_logits(outputs)
+    assert logits.shape == (2, 6) and logits.dtype == torch.float32
+    expected = torch.stack([scale.class_head(out[-2].mean(dim=2)) for scale, out in zip(auxiliary.scales, outputs)])
+    torch.testing.assert_close(logits, expected.mean(dim=0))
+    # Gradients reach the heads and, through the feature maps, the convolutions.
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 5])).backward()
+    assert all(scale.class_head.weight.grad.abs().sum() > 0 for scale in auxiliary.scales)
+    assert auxiliary.scales[0].layers[0][1].parametrizations.weight.original1.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="auxiliary_classes"):
+        plain.class_logits(plain(latent))
+    with pytest.raises(ConfigError, match="auxiliary_classes"):
+        MultiScaleDiscriminator(auxiliary_classes=0)
+
+
 def test_class_ids_are_required_exactly_when_conditional() -> None:
     latent = torch.randn(2, 8, 300)
     with pytest.raises(ValueError, match="needs class_ids"):

@@ -7,9 +7,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from conchshell.config import load_config
 from conchshell.errors import ConfigError
+from conchshell.nn.losses import discriminator_hinge_loss
 from conchshell.training.distributed import DistInfo, cleanup_distributed, setup_distributed
 from conchshell.training.optim import gan_optimisers, multi_stage
 from conchshell.training.stages import NonFiniteLossError, build_stage
@@ -81,7 +83,7 @@ def use_float64_generator() -> None:
     gan_stage_module.build_generator_from_config = build
 
 
-def _ddp_worker(rank: int, port: int, world_size: int, out_path: str) -> None:
+def _ddp_worker(rank: int, port: int, world_size: int, out_path: str, overrides: tuple[str, ...]) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -90,7 +92,7 @@ def _ddp_worker(rank: int, port: int, world_size: int, out_path: str) -> None:
     info = setup_distributed("cpu")
     try:
         use_float64_generator()
-        config = tiny()
+        config = tiny(*overrides)
         stage = fresh_gan_stage(config, info)
         stage.train_step([take(synthetic_batch(config), slice(rank, rank + 1))])
         if rank == 0:
@@ -118,14 +120,19 @@ def no_launcher(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_two_ranks_batch_one_give_the_gradients_of_one_rank_batch_two(tmp_path, no_launcher, float64_generator):
-    config = tiny()
+# The auxiliary classifier's heads run outside the discriminator's DDP forward; their
+# gradients must still be averaged over ranks (the generator's gradients depend on them).
+@pytest.mark.parametrize("overrides", [(), ("discriminator.auxiliary_classifier=true", "loss.lambda_class=1")],
+                         ids=["paper", "auxiliary_classifier"])
+def test_two_ranks_batch_one_give_the_gradients_of_one_rank_batch_two(tmp_path, no_launcher, float64_generator,
+                                                                     overrides):
+    config = tiny(*overrides)
     single = fresh_gan_stage(config)
     single.train_step([synthetic_batch(config)])
     expected = generator_grads(single)
 
     out = tmp_path / "ddp_grads.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), 2, str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(_free_port(), 2, str(out), overrides), nprocs=2, join=True)
     actual = torch.load(out, weights_only=True)
     assert_same_gradients(actual, expected)
 
@@ -180,6 +187,33 @@ def test_conditional_discriminator_sees_labels_for_real_and_the_generated_class_
     assert seen == [[1, 4, 3, 5], [1, 4, 3, 5]]
     assert "g/commitment" in set(losses)
     assert all(not torch.equal(w, b) for w, b in zip(projections, before))
+
+
+def test_auxiliary_classifier_learns_real_labels_and_asks_the_generator_for_its_class():
+    config = tiny("image.train_class_source=tcnn", "discriminator.auxiliary_classifier=true", "loss.lambda_class=1")
+    stage = fresh_gan_stage(config)
+    batch = synthetic_batch(config)
+    features, classes = stage.conditioning(batch, "tcnn")
+    fake = stage.generator(features, classes).detach()
+    real = stage.real_latent(batch["audio"])
+    # Discriminator: hinge plus the head's cross-entropy on the real latents and their labels.
+    real_out, fake_out = stage.judge(stage.discriminator, real, fake, batch["class_id"], classes)
+    expected = (discriminator_hinge_loss(real_out, fake_out)
+                + F.cross_entropy(stage.discriminator.class_logits(real_out), batch["class_id"]))
+    torch.testing.assert_close(stage.discriminator_loss(real, fake, batch["class_id"], classes), expected)
+    # Generator: the head's cross-entropy on the fakes against the TCNN's classes [3, 5].
+    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    torch.testing.assert_close(terms["class"], F.cross_entropy(stage.discriminator.class_logits(fake_out), classes))
+    heads = [scale.class_head.weight for scale in stage.discriminator.scales]
+    before = [w.clone() for w in heads]
+    losses = stage.train_step([batch])
+    assert "g/class" in losses
+    assert all(not torch.equal(w, b) for w, b in zip(heads, before))
+
+
+def test_class_loss_needs_the_auxiliary_classifier():
+    with pytest.raises(ConfigError, match="auxiliary_classifier"):
+        fresh_gan_stage(tiny("loss.lambda_class=1"))
 
 
 def test_commitment_pulls_the_latent_towards_its_nearest_codes():

@@ -12,7 +12,11 @@ generator targets is ever encoded). One step (DESIGN.md section 3):
    codes; terms whose weight is 0 are not computed.
 
 With ``discriminator.class_conditional`` the discriminator also sees the class: the real
-latent its clip's label, the fake the class the generator was asked for.
+latent its clip's label, the fake the class the generator was asked for. With
+``discriminator.auxiliary_classifier`` it also learns to classify real latents (cross-entropy
+against their label, added to its hinge loss; fakes are never its examples), and
+``loss.lambda_class`` asks the generator for latents that classifier puts in the class they
+were generated for (AC-GAN).
 
 With ``train.gan_segment_seconds`` both steps see one random window per item (same
 frames of the real latent, the fake latent and the clip) instead of whole clips; the
@@ -94,6 +98,8 @@ class GanStage(Stage):
         self.weights = loss_weights(config)
         if all(weight == 0.0 for weight in self.weights.by_term().values()):
             raise ConfigError("every generator loss weight (loss.lambda_*) is 0: nothing to train")
+        if self.weights.lambda_class and not config.discriminator.auxiliary_classifier:
+            raise ConfigError("loss.lambda_class needs discriminator.auxiliary_classifier: true")
         self.clip_samples = config.clip_samples
         self.window_frames = self._window_frames(config)
         self.samples_per_frame = config.clip_samples // config.latent_length
@@ -186,14 +192,18 @@ class GanStage(Stage):
         return split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
 
     def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor) -> Tensor:
-        return discriminator_hinge_loss(*self.judge(self.d, real, fake.detach(), real_classes, fake_classes))
+        real_out, fake_out = self.judge(self.d, real, fake.detach(), real_classes, fake_classes)
+        loss = discriminator_hinge_loss(real_out, fake_out)
+        if self.config.discriminator.auxiliary_classifier:
+            loss = loss + F.cross_entropy(self.discriminator.class_logits(real_out), real_classes)
+        return loss
 
     def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor, real_classes: Tensor,
                         fake_classes: Tensor) -> dict[str, Tensor]:
         """Every generator loss term with a non-zero weight (unweighted)."""
         w = self.weights
         terms: dict[str, Tensor] = {}
-        if w.lambda_g or w.lambda_fm:
+        if w.lambda_g or w.lambda_fm or w.lambda_class:
             # The unwrapped discriminator with frozen weights: gradients reach ``fake`` only,
             # and no discriminator all-reduce is spent on the generator's step.
             real_out, fake_out = self.judge(self.discriminator, real, fake, real_classes, fake_classes)
@@ -201,6 +211,8 @@ class GanStage(Stage):
                 terms["adversarial"] = generator_hinge_loss(fake_out)
             if w.lambda_fm:
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
+            if w.lambda_class:
+                terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
         if w.lambda_wave or w.lambda_mel:
             with torch.autocast(device_type=self.device.type, enabled=False):
                 fake_audio = quantized_audio(self.codec, fake.float(), audio.shape[-1],
