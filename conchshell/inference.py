@@ -184,15 +184,32 @@ class ImageToMusic:
         return load_image(image, max_pixels=self.max_pixels)
 
     @torch.inference_mode()
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images [B,3,224,224] -> (I3D features [B,2048], TCNN class ids [B]) on the device.
+
+        Models that share this frontend (e.g. a trained generator and its untrained twin) can
+        share these too: see :meth:`generate_from_features`.
+        """
+        with autocast_for(self.device, self.precision):
+            return self.frontend(images.to(self.device))
+
+    @torch.inference_mode()
     def generate_batch(self, images: torch.Tensor, class_ids: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised images [B,3,224,224] -> (audio [B,T] float32 CPU, used class ids, predicted ids).
 
         ``class_ids`` overrides the TCNN's prediction as the generator's conditioning.
         """
+        return self.generate_from_features(*self.image_features(images), class_ids)
+
+    @torch.inference_mode()
+    def generate_from_features(self, features: torch.Tensor, predicted: torch.Tensor,
+                               class_ids: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`generate_batch` after the frontend, from :meth:`image_features`' output."""
+        features, predicted = features.to(self.device), predicted.to(self.device)
+        used = predicted if class_ids is None else class_ids.to(self.device).long()
         with autocast_for(self.device, self.precision):
-            features, predicted = self.frontend(images.to(self.device))
-            used = predicted if class_ids is None else class_ids.to(self.device).long()
             latent = self.generator(features, used)
         audio = self.codec.decode(self.codec.quantize(latent.float()), self.clip_samples)[:, 0]
         audio = audio.float().cpu()

@@ -248,14 +248,18 @@ def generate_clips(models: dict[str, Any], records: list, out_dir: Path, class_s
     the reference wavs and labels.csv under ``out_dir``.
 
     ``models["generated"]`` is the trained model: its codec gives the codec ceiling and its
-    TCNN the labels' ``tcnn_prediction``.
+    TCNN the labels' ``tcnn_prediction``. The models share its frontend (the untrained
+    baseline is built behind it), so each image goes through TCNN and I3D once.
     """
+    import torch
     from tqdm import tqdm
 
     from conchshell.data.audio import center_crop_or_pad, load_audio
     from conchshell.inference import ensure_writable_dir, write_wav
 
     trained = models["generated"]
+    if any(model.frontend is not trained.frontend for model in models.values()):
+        raise ValueError("every evaluated model must share the trained model's frontend")
     folders = {kind: ensure_writable_dir(out_dir / SYSTEMS[kind].folder) for kind in (*models, "codec_ceiling")}
     folders["reference"] = ensure_writable_dir(out_dir / "reference")
     items: list[EvalItem] = []
@@ -263,17 +267,19 @@ def generate_clips(models: dict[str, Any], records: list, out_dir: Path, class_s
     label_rows = []
     for index, record in enumerate(tqdm(records, unit="clip", dynamic_ncols=True, desc="generating")):
         name = f"{index:05d}_{record.image.stem}.wav"
-        override = record.class_id if class_source == "label" else None
+        override = torch.tensor([record.class_id]) if class_source == "label" else None
         try:
-            results = {system: model.run(record.image, class_override=override) for system, model in models.items()}
+            conditioning = trained.image_features(trained.prepare(record.image).unsqueeze(0))
+            audio = {system: model.generate_from_features(*conditioning, override)[0][0].numpy()
+                     for system, model in models.items()}
+            predicted = int(conditioning[1][0])
             reference = center_crop_or_pad(load_audio(record.audio, trained.sample_rate), trained.clip_samples)
-            clips = {**{system: result.waveform for system, result in results.items()},
-                     "codec_ceiling": trained.reconstruct(reference), "reference": reference}
+            clips = {**audio, "codec_ceiling": trained.reconstruct(reference), "reference": reference}
             paths = {kind: write_wav(folders[kind] / name, clip, trained.sample_rate) for kind, clip in clips.items()}
         except ConchShellError as exc:
             errors.append({"item": str(record.image), "error": str(exc)})
             continue
-        label_rows.append((name, CLASS_NAMES[record.class_id], CLASS_NAMES[results["generated"].predicted_class_id]))
+        label_rows.append((name, CLASS_NAMES[record.class_id], CLASS_NAMES[predicted]))
         items.append(EvalItem(name, paths.pop("reference"), paths.pop("generated"), paths, record.class_id))
     with open(out_dir / "labels.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

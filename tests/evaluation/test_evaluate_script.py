@@ -177,17 +177,22 @@ def test_checkpoint_mode_generates_scores_and_rescores_identically(tmp_path, cap
         assert rescored["systems"]["generated"][key] == report["systems"]["generated"][key]
 
 
-def test_untrained_baseline_is_the_seeded_architecture_and_rescores_identically(tmp_path, capsys):
+def test_untrained_baseline_is_the_seeded_architecture_and_rescores_identically(tmp_path, capsys, monkeypatch):
     config = load_config(ROOT / "configs" / "tiny.yaml")
     torch.manual_seed(1)  # the "trained" weights: any draw but the baseline's seed
     trained = build_generator_from_config(config)
     export = save_generator_export(tmp_path / "G.pt", trained, config, step=1)
     manifest = _tiny_dataset(tmp_path)
     out = tmp_path / "eval"
+    frontend_calls = []
+    original_features = ImageToMusic.image_features
+    monkeypatch.setattr(ImageToMusic, "image_features",
+                        lambda self, images: frontend_calls.append(len(images)) or original_features(self, images))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         code = evaluate.main(["--checkpoint", str(export), "--data", str(manifest), "--split", "val",
                               "--untrained-baseline", "--seed", "0", "--out", str(out), "--device", "cpu"])
+        assert frontend_calls == [1, 1]  # two images, each through TCNN and I3D once for both generators
         # The baseline must be exactly build_generator(**hparams) seeded with --seed, behind the
         # checkpoint's frontend and codec: the same weights saved as an export generate the same clips.
         torch.manual_seed(0)
