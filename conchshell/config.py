@@ -85,6 +85,10 @@ class GeneratorConfig:
     # Frozen I3D features are non-negative and nearly parallel (cosine ~0.997 between images
     # for the demo's seeded I3D), so without centring every image looks alike to the generator.
     standardize_features: bool = False
+    # "released": the released code's conv init (N(0, 0.02)), under which the generator's
+    # output hardly depends on its input at first; "variance_preserving": Kaiming normal
+    # weights and zero biases in the conv stack (see conchshell.models.generator).
+    init: str = "released"
 
 
 @dataclass

@@ -108,6 +108,7 @@ def build_generator_from_config(config: Config) -> ConchShellGenerator:
         signal_length=config.generator.signal_length,
         normalize_features=config.generator.normalize_features,
         standardize_features=config.generator.standardize_features,
+        init=config.generator.init,
     )
 
 

@@ -45,6 +45,17 @@ run starts and saved with the weights). Frozen I3D features are non-negative and
 parallel, so only centring tells images apart: the demo's seeded I3D gives a cosine
 similarity of 0.997 between any two images, which unit-RMS scaling leaves unchanged.
 
+``init`` picks the conv stack's initialisation. ``"released"`` (the default) is the
+released code's: plain convs N(0, 0.02), weight-normalised ones torch's default, biases
+torch's default. Through that stack the input-dependent part of the signal shrinks 2-10x at
+every conv and residual block while the biases set the output: at initialisation the demo's
+narrow Low generator's output varies across inputs by ~2e-6 of its size, and training has
+to grow that part from almost nothing (demo runs make one output for every input for their
+first ~1500 steps). ``"variance_preserving"`` draws every conv weight (plain and
+weight-normalised) from N(0, 1/fan_in), the last one (before the tanh) ``FINAL_CONV_GAIN``
+times smaller, and zeroes every conv bias: the input's variation reaches the output (5 %
+of its size for the demo's nearly parallel image features) and the tanh is not saturated.
+
 ``width`` scales every hidden channel count (not the 1-channel input signal nor the
 ``latent_channels`` output), for narrow demo and test generators. ``signal_length``
 (``low``/``deep`` only) shrinks the one-channel signal for fast tiny configs.
@@ -80,6 +91,10 @@ POOL_STRIDES = {"low": (2, 2, 2, 2, 1, 1, 1), "deep": (2, 2, 2, 1, 1, 1, 1)}
 POOLED_FINAL_REFLECTION = 64
 POOLED_SIGNAL_LENGTH = 4096
 RESIDUAL_STAGES = 6  # residual blocks follow the first six stages only
+INITS = ("released", "variance_preserving")
+# variance_preserving: the conv before the tanh starts this much smaller, so the tanh stays
+# near its linear range and the latent starts near the released init's scale.
+FINAL_CONV_GAIN = 0.2
 
 
 def _conv_length(length: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
@@ -173,6 +188,23 @@ def _init_plain_convs(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, 0.02)
 
 
+@torch.no_grad()
+def _init_variance_preserving(body: nn.Sequential) -> None:
+    last = [m for m in body if isinstance(m, nn.Conv1d)][-1]
+    for module in body.modules():
+        if isinstance(module, nn.Conv1d):
+            weight = torch.empty_like(module.weight)
+            nn.init.kaiming_normal_(weight, nonlinearity="linear")
+            if module is last:
+                weight *= FINAL_CONV_GAIN
+            if parametrize.is_parametrized(module, "weight"):
+                module.weight = weight  # weight norm's right_inverse sets magnitude and direction
+            else:
+                module.weight.copy_(weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
 class ConchShellGenerator(nn.Module):
     """Maps ``(features [B, feature_dim], class_ids [B])`` to a latent ``[B, latent_channels, latent_length]``.
 
@@ -195,6 +227,7 @@ class ConchShellGenerator(nn.Module):
         signal_length: int | None = None,
         normalize_features: bool = False,
         standardize_features: bool = False,
+        init: str = "released",
     ) -> None:
         super().__init__()
         level = level.lower() if isinstance(level, str) else level
@@ -213,6 +246,8 @@ class ConchShellGenerator(nn.Module):
             raise ConfigError(f"generator width must be > 0, got {width!r}")
         if normalize_features and standardize_features:
             raise ConfigError("generator normalize_features and standardize_features exclude each other")
+        if init not in INITS:
+            raise ConfigError(f"unknown generator init {init!r}; expected one of {', '.join(INITS)}")
 
         self.level = level
         self.latent_length = latent_length
@@ -223,6 +258,7 @@ class ConchShellGenerator(nn.Module):
         self.width = float(width)
         self.normalize_features = bool(normalize_features)
         self.standardize_features = bool(standardize_features)
+        self.init = init
         if self.standardize_features:
             # Set from training features by set_feature_statistics; saved with the weights.
             self.register_buffer("feature_mean", torch.zeros(feature_dim))
@@ -257,7 +293,10 @@ class ConchShellGenerator(nn.Module):
         self.class_embedding = nn.Embedding(num_classes, class_dim)
         self.input_projection = nn.Linear(feature_dim + class_dim, self.signal_length)
         self.body = nn.Sequential(*body)
-        self.body.apply(_init_plain_convs)
+        if init == "released":
+            self.body.apply(_init_plain_convs)
+        else:
+            _init_variance_preserving(self.body)
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -273,6 +312,7 @@ class ConchShellGenerator(nn.Module):
             "signal_length": None if self.level == "high" else self.signal_length,
             "normalize_features": self.normalize_features,
             "standardize_features": self.standardize_features,
+            "init": self.init,
         }
 
     @torch.no_grad()

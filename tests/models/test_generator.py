@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import conchshell.models.generator as generator_module
 from conchshell.errors import ConfigError
@@ -264,6 +265,38 @@ def test_hparams_rebuild_the_same_architecture() -> None:
         assert shapes == {k: v.shape for k, v in rebuilt.state_dict().items()}
 
 
+def _relative_input_dependence(init: str) -> float:
+    """Spread of the output across inputs, relative to its size, for the demo's narrow Low."""
+    torch.manual_seed(0)
+    model = build_generator("low", latent_length=4000, latent_channels=32, class_dim=64, width=0.125,
+                            signal_length=384, normalize_features=True, init=init).eval()
+    with torch.no_grad():
+        out = model(torch.rand(6, 2048), torch.arange(6))
+    return float(out.std(dim=0).mean() / out.std())
+
+
+def test_released_init_hides_the_input_and_variance_preserving_passes_it() -> None:
+    assert _relative_input_dependence("released") < 1e-4
+    assert _relative_input_dependence("variance_preserving") > 1e-2
+
+
+def test_variance_preserving_init_draws_unit_gain_weights_and_zero_biases() -> None:
+    torch.manual_seed(0)
+    model = build_generator("low", latent_length=400, width=0.25, signal_length=384, init="variance_preserving")
+    convs = [m for m in model.body.modules() if isinstance(m, nn.Conv1d)]
+    last = [m for m in model.body if isinstance(m, nn.Conv1d)][-1]
+    assert any(parametrize.is_parametrized(m, "weight") for m in convs)  # weight-normalised ones too
+    for conv in convs:
+        fan_in = conv.weight[0].numel()
+        gain = generator_module.FINAL_CONV_GAIN if conv is last else 1.0
+        if conv.weight.numel() >= 4096:  # enough draws for a tight estimate
+            assert float(conv.weight.std()) == pytest.approx(gain / fan_in ** 0.5, rel=0.1)
+        assert conv.bias is None or not conv.bias.any()
+    assert model.hparams["init"] == "variance_preserving"
+    assert build_generator(**model.hparams).init == "variance_preserving"
+    assert build_generator("low", latent_length=400, signal_length=384).hparams["init"] == "released"
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -276,6 +309,8 @@ def test_bad_configs_raise_config_error() -> None:
         build_generator("low", latent_length=10, width=0.0)
     with pytest.raises(ConfigError, match="follows latent_length"):
         build_generator("high", latent_length=10, signal_length=4096)
+    with pytest.raises(ConfigError, match="unknown generator init 'xavier'"):
+        build_generator("low", latent_length=10, init="xavier")
 
 
 @pytest.mark.parametrize("level", ["low", "deep"])
