@@ -86,8 +86,8 @@ class GeneratorConfig:
     # for the demo's seeded I3D), so without centring every image looks alike to the generator.
     standardize_features: bool = False
     # "released": the released code's conv init (N(0, 0.02)), under which the generator's
-    # output hardly depends on its input at first; "variance_preserving": Kaiming normal
-    # weights and zero biases in the conv stack (see conchshell.models.generator).
+    # output hardly depends on its input at first; "variance_preserving": N(0, 1/fan_in)
+    # conv weights (the last one 0.2x) and zero biases (see conchshell.models.generator).
     init: str = "released"
 
 

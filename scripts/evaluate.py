@@ -68,7 +68,6 @@ from conchshell.errors import ConchShellError, DataError  # noqa: E402
 EVAL_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac")
 METRICS = ("pesq", "stoi", "mel_l1", "mrstft", "register")
-METRIC_TITLES = {"pesq": "PESQ", "stoi": "STOI", "mel_l1": "mel L1", "mrstft": "MR-STFT"}
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ class MultiScaleDiscriminator(nn.Module):
         self.auxiliary_classes = auxiliary_classes
         self.latent_channels = latent_channels
         self.width = float(width)
-        self.scales = nn.ModuleList(ScaleDiscriminator(width, num_classes, auxiliary_classes) for _ in range(num_scales))
+        self.scales = nn.ModuleList(ScaleDiscriminator(width, num_classes, auxiliary_classes)
+                                    for _ in range(num_scales))
         self.downsample = nn.AvgPool1d(4, stride=2, padding=1, count_include_pad=False)
 
     def min_latent_length(self) -> int:
