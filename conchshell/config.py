@@ -10,6 +10,7 @@ override the parent's. Command-line overrides use dotted keys: ``train.batch_siz
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, Union
 import yaml
 
 from conchshell.errors import ConfigError
+
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
 
 
 @dataclass
@@ -184,6 +187,12 @@ class TrainConfig:
     # Validate on at most this many items of the val split (the first ones, in manifest
     # order); None = the whole split. Keeps smoke tests and CPU runs affordable.
     max_val_items: int | None = None
+    # Start a new run from the network weights of a train.py checkpoint of the same stage,
+    # with fresh optimisers, schedules and step count (fine-tuning under changed losses:
+    # Adam's moments from the old objective would scale the new gradients wrongly), or with
+    # layers the checkpoint lacks (they keep their initialisation). Only for a fresh
+    # start: a run with a checkpoint of its own in --out resumes from that.
+    init_from: str | None = None
 
 
 @dataclass
@@ -290,6 +299,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return [_coerce(item_type, v, source, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if hint in (int, float, str, bool) and (type(value) is hint):
         return value
     raise ConfigError(

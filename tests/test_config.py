@@ -85,6 +85,17 @@ def test_wrong_type_is_named(tmp_path):
         load_config(path)
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-4 as a string; people write learning rates that way.
+    path = write(tmp_path / "lr.yaml", "optim:\n  lr_g: 1e-4\n")
+    config = load_config(path, ["optim.lr_d=3E-5", "loss.lambda_mel=-2e1"])
+    assert (config.optim.lr_g, config.optim.lr_d, config.loss.lambda_mel) == (1e-4, 3e-5, -20.0)
+    with pytest.raises(ConfigError, match="'train.batch_size' must be int"):
+        load_config(path, ["train.batch_size=1e3"])
+    with pytest.raises(ConfigError, match="'optim.lr_g' must be float"):
+        load_config(path, ["optim.lr_g=1e-4x"])
+
+
 def test_malformed_yaml_and_missing_file(tmp_path):
     path = write(tmp_path / "broken.yaml", "train: [1, 2\n")
     with pytest.raises(ConfigError, match="broken.yaml: malformed YAML"):

@@ -207,12 +207,21 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     state = CheckpointManager.load(Path(resume_path)) if resume_path else None
     if state is not None:
         _check_resumable(state, config, resume_path, is_main)
+    initial = None
+    if state is None and tc.init_from is not None:
+        if not Path(tc.init_from).is_file():
+            raise CheckpointError(f"train.init_from: checkpoint not found: {tc.init_from}")
+        initial = CheckpointManager.load(Path(tc.init_from))
+        _check_stage_checkpoint(initial, config, f"train.init_from {tc.init_from}")
 
     # --- networks: identical initialisation on every rank, then rank-dependent randomness.
     torch.manual_seed(tc.seed)
     stage = build_stage(config, dist_info)
     step, epoch, position = 0, 0, 0
+    new_parameters: list[str] = []
     if state is None:
+        if initial is not None:
+            new_parameters = stage.load_model_weights(initial, tc.init_from, allow_new=True)
         seed_everything(tc.seed, dist_info.rank)
     else:
         stage.load_state_dict(state, resume_path)
@@ -226,12 +235,12 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
                               f"{state.get('world_size')}: data order and random draws will differ", stacklevel=2)
             seed_everything(tc.seed + step, dist_info.rank)
             position = 0
-    del state  # the checkpoint may be large; the stage holds its own copies now
+    del state, initial  # checkpoints may be large; the stage holds its own copies now
 
     # --- data
     uses_cache = config.data.feature_cache is not None and stage.name == "gan"
     train_set, val_set, collate = make_datasets(config, getattr(stage, "frontend") if uses_cache else None)
-    if resume_path is None:
+    if resume_path is None and tc.init_from is None:  # otherwise the checkpoint carries it
         stage.prepare(train_set, collate)
     sampler = ResumableSampler(len(train_set), dist_info, tc.seed)
     # A private generator: creating a DataLoader iterator must not consume the global RNG,
@@ -254,7 +263,11 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     logger = MetricsLogger(out_dir, is_main)
     bar = logger.progress(total=tc.max_steps, initial=step)
     if is_main:
-        what = f"resuming from {resume_path} at step {step}" if resume_path else "starting"
+        what = (f"resuming from {resume_path} at step {step}" if resume_path else
+                f"starting from the weights of {tc.init_from}" if tc.init_from else "starting")
+        if new_parameters:
+            what += (f" ({len(new_parameters)} tensors it lacks keep their initialisation: "
+                     f"{', '.join(new_parameters[:4])}{', ...' if len(new_parameters) > 4 else ''})")
         bar.write(f"{stage.name} stage: {what}; {dist_info.world_size} process(es) on {dist_info.device}, "
                   f"{len(train_set)} training items, {steps_per_epoch} steps per epoch", file=sys.stderr)
 
@@ -304,12 +317,16 @@ def _train(config: Config, out_dir: Path, resume: str | bool | None, dist_info: 
     return out_dir
 
 
-def _check_resumable(state: Mapping[str, Any], config: Config, path: str, is_main: bool) -> None:
+def _check_stage_checkpoint(state: Mapping[str, Any], config: Config, path: str) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a train.py checkpoint (format {state.get('format')!r})")
     if state.get("stage") != config.train.stage:
         raise CheckpointError(f"{path} is a '{state.get('stage')}' stage checkpoint but train.stage is "
                               f"'{config.train.stage}'")
+
+
+def _check_resumable(state: Mapping[str, Any], config: Config, path: str, is_main: bool) -> None:
+    _check_stage_checkpoint(state, config, path)
     if is_main and "config" in state:
         saved = config_to_dict(config_from_dict(state["config"], source=path))
         changed = config_differences(saved, config_to_dict(config))

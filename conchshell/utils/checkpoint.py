@@ -37,17 +37,21 @@ def load_strict(
     state: Mapping[str, torch.Tensor],
     source: str | os.PathLike,
     optional_suffixes: tuple[str, ...] = (),
-) -> None:
+    allow_missing: bool = False,
+) -> list[str]:
     """Load ``state`` into ``module`` with exact names and shapes.
 
     Keys of the module ending in one of ``optional_suffixes`` may be absent from
-    ``state`` (e.g. ``num_batches_tracked`` in old BatchNorm checkpoints). Any other
-    missing, unexpected or mis-shaped entry raises CheckpointError that lists them.
+    ``state`` (e.g. ``num_batches_tracked`` in old BatchNorm checkpoints), and with
+    ``allow_missing`` any key may be (it keeps the module's own value: a layer added
+    since the checkpoint was written). Any other missing, unexpected or mis-shaped
+    entry raises CheckpointError that lists them. Returns the keys left as they were.
     """
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{source} does not hold a state dict of tensors")
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(optional_suffixes)]
+    absent = [k for k in own if k not in state]
+    missing = [] if allow_missing else [k for k in absent if not k.endswith(optional_suffixes)]
     unexpected = [k for k in state if k not in own]
     wrong_shape = [
         f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
@@ -70,6 +74,7 @@ def load_strict(
     merged = dict(own)
     merged.update({k: v for k, v in state.items()})
     module.load_state_dict(merged, strict=True)
+    return absent
 
 
 def _listing(label: str, keys: list[str], limit: int = 8) -> str:

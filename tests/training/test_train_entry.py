@@ -151,6 +151,46 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_last_checkpoint(gan_refer
     assert CheckpointManager.load(start)["step"] == 2  # the good checkpoint is untouched
 
 
+def test_init_from_starts_a_new_run_from_the_weights_only(gan_reference, tiny_corpus, tmp_path):
+    out = tmp_path / "finetune"
+    source = gan_reference / "ckpt-step=00000004.pt"
+    # Learning rates ~0: after its one step the new run must still hold the source weights.
+    result = run_train(out, *data_overrides(tiny_corpus), f"train.init_from={source}", "train.max_steps=1",
+                       "loss.lambda_wave=0", "optim.lr_g=1e-12", "optim.lr_d=1e-12")
+    assert_ok(result)
+    assert f"starting from the weights of {source}" in result.stderr
+    state = CheckpointManager.load(out / "ckpt-step=00000001.pt")
+    assert state["step"] == 1 and state["config"]["train"]["init_from"] == str(source)
+    adam_steps = {float(s["step"]) for s in state["optimizers"]["generator"]["state"].values()}
+    assert adam_steps == {1.0}  # fresh optimiser moments, not the source's 4 steps
+    assert_same_models(source, out / "ckpt-step=00000001.pt")
+
+    # The run's own checkpoint wins over init_from from then on.
+    again = run_train(out, *data_overrides(tiny_corpus), f"train.init_from={source}", "train.max_steps=2",
+                      "loss.lambda_wave=0", "optim.lr_g=1e-12", "optim.lr_d=1e-12")
+    assert_ok(again)
+    assert "resuming from" in again.stderr and CheckpointManager.load(out / "ckpt-step=00000002.pt")["step"] == 2
+
+
+def test_init_from_keeps_layers_the_checkpoint_lacks_at_their_initialisation(gan_reference, tiny_corpus, tmp_path):
+    out = tmp_path / "conditional"
+    source = gan_reference / "ckpt-step=00000004.pt"
+    result = run_train(out, *data_overrides(tiny_corpus), f"train.init_from={source}", "train.max_steps=1",
+                       "discriminator.class_conditional=true")
+    assert_ok(result)
+    assert "tensors it lacks keep their initialisation: discriminator." in result.stderr
+    assert "class_projection" in result.stderr
+    assert "class_projection" in "".join(model_states(out / "ckpt-step=00000001.pt")["discriminator"])
+
+
+def test_init_from_a_missing_checkpoint_is_a_one_line_error(tiny_corpus, tmp_path):
+    result = run_train(tmp_path / "run", *data_overrides(tiny_corpus), f"train.init_from={tmp_path}/nope.pt",
+                       timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: train.init_from: checkpoint not found: {tmp_path}/nope.pt"
+    assert "Traceback" not in result.stderr
+
+
 def test_fresh_run_standardises_features_with_the_training_set_statistics(tiny_corpus, tmp_path):
     out = tmp_path / "standardised"
     assert_ok(run_train(out, *data_overrides(tiny_corpus), "generator.standardize_features=true",

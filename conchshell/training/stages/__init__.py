@@ -166,21 +166,31 @@ class Stage:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str) -> None:
-        from conchshell.utils.checkpoint import load_strict
-
         for part, own in (("models", self.models), ("optimizers", self.optimizers),
                           ("schedulers", self.schedulers)):
-            saved = state.get(part, {})
-            if set(saved) != set(own):
-                raise ConchShellError(f"{source}: checkpoint {part} {sorted(saved)} do not match "
-                                      f"the {self.name} stage's {sorted(own)}")
-        for name, model in self.models.items():
-            load_strict(model, state["models"][name], f"{source} [{name}]")
+            self._check_parts(state, part, own, source)
+        self.load_model_weights(state, source)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.load_extra_state(state.get("extra", {}))
+
+    def load_model_weights(self, state: Mapping[str, Any], source: str, allow_new: bool = False) -> list[str]:
+        """The networks' weights of a checkpoint, nothing else. ``allow_new`` (``train.init_from``)
+        lets the networks hold parameters the checkpoint lacks, e.g. a head added for
+        fine-tuning: they keep their initialisation and are returned as ``model.key``."""
+        from conchshell.utils.checkpoint import load_strict
+
+        self._check_parts(state, "models", self.models, source)
+        return [f"{name}.{key}" for name, model in self.models.items()
+                for key in load_strict(model, state["models"][name], f"{source} [{name}]", allow_missing=allow_new)]
+
+    def _check_parts(self, state: Mapping[str, Any], part: str, own: Mapping[str, Any], source: str) -> None:
+        saved = state.get(part, {})
+        if set(saved) != set(own):
+            raise ConchShellError(f"{source}: checkpoint {part} {sorted(saved)} do not match "
+                                  f"the {self.name} stage's {sorted(own)}")
 
 
 def build_stage(config: Config, dist_info: DistInfo) -> Stage:
