@@ -12,6 +12,10 @@ From each stage's output folder it takes the best export (``TCNN-best.pt``,
     weights/demo/SHA256SUMS       sha256sum -c compatible checksums of the three weight files
     weights/demo/training_curves.png   the three runs' metrics.jsonl, one panel per stage
     weights/demo/runs/<stage>.yaml     each run's resolved config.yaml, as train.py saved it
+                                       (<stage>.phaseN.yaml: the runs it started from)
+
+A run started with ``train.init_from`` continues the run that wrote that checkpoint: its
+curve is drawn after that run's, and both configs are kept.
 
 The I3D is not stored: the config's ``image.i3d_seed`` rebuilds the same frozen network.
 Every export is loaded strictly before anything is written, the three files are checked to
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -67,6 +72,53 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def start_step(checkpoint: Path) -> int:
+    """The step a ``train.init_from`` checkpoint was written at (from its name, else its contents)."""
+    match = re.search(r"step=(\d+)", checkpoint.name)
+    if match:
+        return int(match.group(1))
+    from conchshell.training.checkpointing import CheckpointManager
+
+    return int(CheckpointManager.load(checkpoint)["step"])
+
+
+def run_phases(folder: Path) -> list[tuple[Path, int]]:
+    """The train.py runs behind a stage folder, oldest first, each with the step it starts at:
+    a run started with ``train.init_from`` continues the run that wrote that checkpoint."""
+    import yaml
+
+    phases = [(folder, 0)]
+    while (phases[0][0] / "config.yaml").is_file():
+        config = yaml.safe_load((phases[0][0] / "config.yaml").read_text()) or {}
+        init_from = (config.get("train") or {}).get("init_from")
+        if not init_from:
+            break
+        source = Path(init_from)
+        if not source.is_absolute() and not source.exists():
+            source = ROOT / source  # train.py's commands run from the repository root
+        if any(source.parent.resolve() == earlier.resolve() for earlier, _ in phases):
+            break
+        offset = start_step(source)
+        phases = [(source.parent, 0)] + [(later, start + offset) for later, start in phases]
+    return phases
+
+
+def curve_points(run: str, folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per metrics.jsonl key of the run's panel, across all its phases."""
+    phases = run_phases(folder)
+    ends = [start for _, start in phases[1:]] + [None]
+    points: dict[str, list[tuple[int, float]]] = {}
+    for (phase, start), end in zip(phases, ends):
+        for row in read_metrics(phase):
+            step = start + row["step"]
+            if end is not None and step > end:
+                continue  # past the checkpoint the next phase started from
+            for key, _ in CURVES[run]:
+                if key in row:
+                    points.setdefault(key, []).append((step, row[key]))
+    return points
+
+
 def plot_curves(runs: dict[str, Path], out: Path) -> Path:
     import matplotlib
 
@@ -77,13 +129,16 @@ def plot_curves(runs: dict[str, Path], out: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6))
     for axis, (run, folder) in zip(axes, runs.items()):
-        rows = read_metrics(folder)
+        points = curve_points(run, folder)
         for key, label in CURVES[run]:
-            points = [(row["step"], row[key]) for row in rows if key in row]
-            if points:
-                steps, values = zip(*points)
+            if points.get(key):
+                steps, values = zip(*points[key])
                 style = dict(marker="o", markersize=3) if key.startswith("val/") else dict(alpha=0.8)
                 axis.plot(steps, values, label=label, **style)
+        for _, start in run_phases(folder)[1:]:
+            axis.axvline(start, color="grey", linestyle=":", linewidth=1)
+            axis.annotate("init_from", (start, 0.02), xycoords=("data", "axes fraction"),
+                          fontsize=7, rotation=90, va="bottom", ha="right", color="grey")
         axis.set_title(TITLES[run])
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -109,6 +164,7 @@ def package(tcnn: Path, codec: Path, gan: Path, out_dir: Path, limit_mb: float) 
     config = dataclasses.replace(
         config,
         data=dataclasses.replace(config.data, feature_cache=None),
+        train=dataclasses.replace(config.train, init_from=None),  # runs/*.yaml keep the record
         image=dataclasses.replace(config.image, tcnn_checkpoint=str(sources["tcnn"])),
         codec=dataclasses.replace(config.codec, checkpoint=str(sources["codec"])),
     )
@@ -149,11 +205,13 @@ def package(tcnn: Path, codec: Path, gan: Path, out_dir: Path, limit_mb: float) 
     curves = plot_curves(runs, out_dir / "training_curves.png")
     run_configs = []
     for run, folder in runs.items():
-        if (folder / "config.yaml").is_file():
-            target = out_dir / "runs" / f"{run}.yaml"
-            target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(folder / "config.yaml", target)
-            run_configs.append(target)
+        phases = [phase for phase, _ in run_phases(folder)]
+        for number, phase in enumerate(phases, 1):
+            if (phase / "config.yaml").is_file():
+                target = out_dir / "runs" / (f"{run}.yaml" if number == len(phases) else f"{run}.phase{number}.yaml")
+                target.parent.mkdir(exist_ok=True)
+                shutil.copyfile(phase / "config.yaml", target)
+                run_configs.append(target)
     print(f"packaged {', '.join(p.name for p in written)} ({total_mb:.2f} MB of {limit_mb:g} MB) into {out_dir}")
     return [*written, out_dir / "SHA256SUMS", out_dir / "config.yaml", curves, *run_configs]
 

@@ -1,6 +1,7 @@
 """scripts/package_demo.py on tiny exports written by the stages' own export code."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -11,7 +12,7 @@ import torch
 
 from conchshell.config import load_config
 from conchshell.errors import ConchShellError
-from conchshell.export import save_generator_export
+from conchshell.export import load_generator_export, save_generator_export
 from conchshell.inference import ImageToMusic
 from conchshell.models.factory import build_generator_from_config
 from conchshell.training.distributed import DistInfo
@@ -80,3 +81,28 @@ def test_over_the_size_limit_nothing_is_replaced(runs, tmp_path):
 def test_a_missing_export_is_named(runs, tmp_path):
     assert package_demo.main(["--tcnn", str(tmp_path / "nowhere"), "--codec", str(runs["vqvae"]),
                               "--gan", str(runs["gan"]), "--out", str(tmp_path / "demo")]) == 1
+
+
+def test_a_run_started_from_another_continues_its_curve_and_keeps_both_configs(runs, tmp_path):
+    first, second = tmp_path / "gan_first", tmp_path / "gan_second"
+    first.mkdir()
+    second.mkdir()
+    (first / "config.yaml").write_text("name: first\n")
+    rows = [{"step": 5, "g/mel": 1.5}, {"step": 10, "g/mel": 1.2}, {"step": 10, "val/mel_l1": 1.3},
+            {"step": 15, "g/mel": 1.0}]  # after the checkpoint the second run started from
+    (first / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (second / "config.yaml").write_text(f"name: second\ntrain:\n  init_from: {first}/ckpt-step=00000010.pt\n")
+    (second / "metrics.jsonl").write_text(json.dumps({"step": 7, "g/mel": 0.9}) + "\n")
+    generator, config, _ = load_generator_export(runs["gan"] / "G-best.pt")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=str(first / "x.pt")))
+    save_generator_export(second / "G-best.pt", generator, config, step=7)
+
+    assert package_demo.run_phases(second) == [(first, 0), (second, 10)]
+    points = package_demo.curve_points("gan", second)
+    assert points["g/mel"] == [(5, 1.5), (10, 1.2), (17, 0.9)] and points["val/mel_l1"] == [(10, 1.3)]
+
+    out = tmp_path / "demo"
+    package_demo.package(runs["tcnn"], runs["vqvae"], second, out, limit_mb=25)
+    assert ImageToMusic.from_checkpoint(out / "generator.pt", device="cpu").config.train.init_from is None
+    assert (out / "runs" / "gan.yaml").read_text().startswith("name: second")
+    assert (out / "runs" / "gan.phase1.yaml").read_text() == "name: first\n"
