@@ -41,9 +41,6 @@ class AudioCodec(nn.Module):
     def quantize(self, latent: Tensor) -> Tensor:
         return self.vqvae.quantize(latent, self.level)
 
-    def quantize_straight_through(self, latent: Tensor) -> tuple[Tensor, Tensor]:
-        return self.vqvae.quantize_straight_through(latent, self.level)
-
     def dequantize(self, codes: Tensor) -> Tensor:
         return self.vqvae.dequantize(codes, self.level)
 
@@ -66,15 +63,24 @@ class AudioCodec(nn.Module):
         return super().train(False)
 
 
-def quantized_audio(codec: AudioCodec, latent: Tensor, num_samples: int, straight_through: bool) -> Tensor:
+def nearest_codes_latent(codec: AudioCodec, latent: Tensor) -> Tensor:
+    """The codebook vectors nearest to ``latent`` (no gradient), in its dtype."""
+    with torch.no_grad():
+        return codec.dequantize(codec.quantize(latent.detach())).to(latent.dtype)
+
+
+def quantized_audio(codec: AudioCodec, latent: Tensor, num_samples: int, straight_through: bool,
+                    nearest: Tensor | None = None) -> Tensor:
     """Audio of the nearest-codebook version of ``latent``.
 
     straight_through=True: gradients pass the quantiser and the frozen decoder back to
     ``latent`` (what trains the generator). False reproduces the released code, which
     decoded argmin codes under no_grad, so its wave and mel losses trained nothing.
+    ``nearest``: :func:`nearest_codes_latent` of ``latent`` when the caller has it already.
     """
+    if nearest is None:
+        nearest = nearest_codes_latent(codec, latent)
     if straight_through:
-        quantized, _ = codec.quantize_straight_through(latent)
-        return codec.decode_latent(quantized, num_samples)
+        return codec.decode_latent(latent + (nearest - latent).detach(), num_samples)
     with torch.no_grad():
-        return codec.decode(codec.quantize(latent), num_samples)
+        return codec.decode_latent(nearest, num_samples)

@@ -231,6 +231,26 @@ def test_commitment_pulls_the_latent_towards_its_nearest_codes():
     torch.testing.assert_close(fake.grad, torch.sign(fake.detach() - nearest) / fake.numel())
 
 
+def test_audio_terms_and_commitment_share_one_code_search():
+    config = tiny("loss.lambda_g=0", "loss.lambda_fm=0", "loss.lambda_commitment=1")
+    stage = fresh_gan_stage(config)
+    batch = synthetic_batch(config)
+    features, classes = stage.conditioning(batch, "label")
+    fake = stage.generator(features, classes).detach().requires_grad_(True)
+    real = stage.real_latent(batch["audio"])
+    searched = []
+    original = stage.codec.quantize
+    stage.codec.quantize = lambda latent: searched.append(latent.shape) or original(latent)
+    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    stage.codec.quantize = original
+    assert searched == [fake.shape] and {"wave", "mel", "commitment"} <= set(terms)
+    # The same values as each term computed on its own.
+    expected = gan_stage_module.quantized_audio(stage.codec, fake.detach(), batch["audio"].shape[-1], True)
+    torch.testing.assert_close(terms["wave"], F.l1_loss(expected, batch["audio"]))
+    terms["wave"].backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+
+
 def test_prepare_sets_the_standardisation_from_training_features_only_when_asked():
     config = tiny("generator.standardize_features=true")
     stage = fresh_gan_stage(config)

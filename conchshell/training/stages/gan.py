@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from conchshell.config import Config
 from conchshell.errors import ConfigError
 from conchshell.export import save_generator_export
-from conchshell.models.codec import quantized_audio
+from conchshell.models.codec import nearest_codes_latent, quantized_audio
 from conchshell.models.factory import (
     build_codec,
     build_discriminator_from_config,
@@ -213,10 +213,14 @@ class GanStage(Stage):
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
             if w.lambda_class:
                 terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
+        nearest = None  # searched once for the audio terms and the commitment; in fp32 (bf16 flips codes)
+        if w.lambda_wave or w.lambda_mel or w.lambda_commitment:
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                nearest = nearest_codes_latent(self.codec, fake.float())
         if w.lambda_wave or w.lambda_mel:
             with torch.autocast(device_type=self.device.type, enabled=False):
                 fake_audio = quantized_audio(self.codec, fake.float(), audio.shape[-1],
-                                             self.config.loss.straight_through)
+                                             self.config.loss.straight_through, nearest)
             if w.lambda_wave:
                 terms["wave"] = F.l1_loss(fake_audio, audio)
             if w.lambda_mel:
@@ -228,8 +232,6 @@ class GanStage(Stage):
                 quantized_real = self.codec.dequantize(self.codec.quantize(real))
             terms["quantized_latent"] = F.l1_loss(fake.float(), quantized_real)
         if w.lambda_commitment:
-            with torch.no_grad():
-                nearest = self.codec.dequantize(self.codec.quantize(fake.detach().float()))
             terms["commitment"] = F.l1_loss(fake.float(), nearest)
         return terms
 
