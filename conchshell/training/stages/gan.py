@@ -213,26 +213,25 @@ class GanStage(Stage):
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
             if w.lambda_class:
                 terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
-        nearest = None  # searched once for the audio terms and the commitment; in fp32 (bf16 flips codes)
+        # The codec side runs in fp32 (bf16 flips codes); the nearest codes are searched once
+        # for the audio terms and the commitment.
+        fake_fp32 = fake.float()
         if w.lambda_wave or w.lambda_mel or w.lambda_commitment:
             with torch.autocast(device_type=self.device.type, enabled=False):
-                nearest = nearest_codes_latent(self.codec, fake.float())
-        if w.lambda_wave or w.lambda_mel:
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                fake_audio = quantized_audio(self.codec, fake.float(), audio.shape[-1],
-                                             self.config.loss.straight_through, nearest)
+                nearest = nearest_codes_latent(self.codec, fake_fp32)
+                if w.lambda_wave or w.lambda_mel:
+                    fake_audio = quantized_audio(self.codec, fake_fp32, audio.shape[-1],
+                                                 self.config.loss.straight_through, nearest)
             if w.lambda_wave:
                 terms["wave"] = F.l1_loss(fake_audio, audio)
             if w.lambda_mel:
                 terms["mel"] = mel_l1(fake_audio, audio, self.mel)
+            if w.lambda_commitment:
+                terms["commitment"] = F.l1_loss(fake_fp32, nearest)
         if w.lambda_latent:
-            terms["latent"] = F.l1_loss(fake.float(), real)
+            terms["latent"] = F.l1_loss(fake_fp32, real)
         if w.lambda_quantized_latent:
-            with torch.no_grad():
-                quantized_real = self.codec.dequantize(self.codec.quantize(real))
-            terms["quantized_latent"] = F.l1_loss(fake.float(), quantized_real)
-        if w.lambda_commitment:
-            terms["commitment"] = F.l1_loss(fake.float(), nearest)
+            terms["quantized_latent"] = F.l1_loss(fake_fp32, nearest_codes_latent(self.codec, real))
         return terms
 
     # ------------------------------------------------------------------ one step
