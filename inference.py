@@ -100,8 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also save <wav name>.png, a log-mel picture (default: on only without --img_path)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch/numpy/python (default 0)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32 (default) or bf16 autocast for the image networks and the generator "
-                             "(the codec stays fp32): faster, audio close to but not bit-equal with fp32")
+                        help="fp32 (default) or bf16 autocast for the image networks, the generator and "
+                             "the decoder (the code search stays fp32): faster, audio close to but not "
+                             "bit-equal with fp32")
     args = parser.parse_args(argv)
     if args.crossfade < 0:
         parser.error("--crossfade must be >= 0")

@@ -146,8 +146,8 @@ class ImageToMusic:
         check_precision(precision, "ImageToMusic")
         if precision == "bf16" and not bf16_supported(self.device):
             raise ConfigError(f"bf16 is not supported on {self.device}; use fp32")
-        # bf16 autocast covers the frontend and the generator; the codec always runs in fp32
-        # (in bf16 the nearest-code search flips codes and the decoded audio drifts).
+        # bf16 autocast covers the frontend, the generator and the decoder; the nearest-code
+        # search always runs in fp32 (in bf16 it flips codes).
         self.precision = precision
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.frontend = frontend.eval().to(self.device)
@@ -211,7 +211,9 @@ class ImageToMusic:
         used = predicted if class_ids is None else class_ids.to(self.device).long()
         with autocast_for(self.device, self.precision):
             latent = self.generator(features, used)
-        audio = self.codec.decode(self.codec.quantize(latent.float()), self.clip_samples)[:, 0]
+        codes = self.codec.quantize(latent.float())
+        with autocast_for(self.device, self.precision):
+            audio = self.codec.decode(codes, self.clip_samples)[:, 0]
         audio = audio.float().cpu()
         if not torch.isfinite(audio).all():
             raise ConchShellError(f"{self.meta.get('checkpoint', 'the generator')} produced non-finite "

@@ -128,9 +128,8 @@ def measure(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
 def frozen_call(fn: Callable[[], Any], device: torch.device, precision: str) -> Callable[[], Any]:
     """``fn`` as inference runs it: no autograd bookkeeping, fp32 or bf16 autocast.
 
-    Callers keep the codec (quantise, decode) in fp32 whatever ``precision`` says: under
-    bf16 autocast the nearest-codebook search flips codes and the decoded audio drifts far
-    from the fp32 path, as the trainer also avoids.
+    Callers keep the nearest-code search (quantise) in fp32 whatever ``precision`` says:
+    under bf16 autocast it flips codes, as :class:`conchshell.inference.ImageToMusic` avoids.
     """
     def wrapped() -> Any:
         with torch.inference_mode(), autocast_for(device, precision):
@@ -167,7 +166,7 @@ def measure_generation(generator: torch.nn.Module, codec: AudioCodec, features: 
     latent = gen.timing.extra.pop("result")
     quantise = measure(frozen_call(lambda: codec.quantize(latent.float()), device, "fp32"), device, repeats, warmup)
     codes = quantise.timing.extra.pop("result")
-    decode = measure(frozen_call(lambda: codec.decode(codes, num_samples), device, "fp32"), device, repeats, warmup)
+    decode = measure(run(lambda: codec.decode(codes, num_samples)), device, repeats, warmup)
     audio = decode.timing.extra.pop("result")
     return {"generator": gen, "quantise": quantise, "decode": decode}, audio
 

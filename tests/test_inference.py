@@ -87,14 +87,18 @@ def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path
         assert model.prepare(pil.copy()).equal(model.prepare(image))
 
 
-def test_bf16_runs_the_image_networks_and_generator_in_bf16_and_the_codec_in_fp32(model, tiny_config, tmp_path):
+def test_bf16_runs_image_networks_generator_and_decoder_in_bf16_and_the_code_search_in_fp32(
+        model, tiny_config, tmp_path):
     fast = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
     seen = {}
 
-    def record(module, args, out):
-        seen["generator"] = out.dtype
+    def recorder(name):
+        def record(module, args, out):
+            seen[name] = out.dtype
+        return record
 
-    hook = model.generator.register_forward_hook(record)
+    hooks = [model.generator.register_forward_hook(recorder("generator")),
+             model.codec.vqvae.decoders[model.codec.level].out.register_forward_hook(recorder("decoder"))]
     original = model.codec.quantize
 
     def quantize(latent):
@@ -105,9 +109,10 @@ def test_bf16_runs_the_image_networks_and_generator_in_bf16_and_the_codec_in_fp3
     try:
         waveform, rate = fast.generate(make_image(tmp_path / "sea.png"))
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         del model.codec.quantize
-    assert seen == {"generator": torch.bfloat16, "quantize": torch.float32}
+    assert seen == {"generator": torch.bfloat16, "quantize": torch.float32, "decoder": torch.bfloat16}
     assert waveform.dtype == np.float32 and waveform.shape == (tiny_config.clip_samples,) and np.isfinite(waveform).all()
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="fp16")

@@ -1,4 +1,4 @@
-"""Jukebox's hierarchical VQ-VAE, channels-first, CPU-friendly and trainable by this project.
+"""Jukebox's hierarchical VQ-VAE, CPU-friendly and trainable by this project.
 
 The default constructor builds the 5b ``vqvae`` hyper-parameters (3 levels, hops 8/32/128,
 64-d latents, 2048-entry codebooks) with parameter and buffer names identical to the
@@ -7,7 +7,8 @@ a keyword argument, so a smaller or other-rate codec can be trained with ``forwa
 
 Each level is an independent autoencoder: ``encoders[L]`` stacks the strided blocks of
 levels 0..L (hop = product of all their strides) and ``decoders[L]`` mirrors it. Only the
-requested level's encoder or decoder runs.
+requested level's encoder or decoder runs, internally in the channels-last layout of
+conchshell.nn.channels_last (faster convolutions on CPU; inputs and outputs stay [B, C, T]).
 
 Audio is ``[B, 1, T]`` in [-1, 1] (Jukebox itself uses ``[B, T, 1]``). The official weights
 were trained at 44.1 kHz; ``sample_rate`` records the rate a codec expects, and callers
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from conchshell.errors import CheckpointError
+from conchshell.nn.channels_last import Conv1d, from_channels_last_2d, to_channels_last_2d
 from conchshell.nn.quantizer import Bottleneck
 from conchshell.nn.resnet1d import DecoderConvBlock, EncoderConvBlock
 from conchshell.utils.checkpoint import load_strict, read_weights, strip_prefix
@@ -48,9 +50,10 @@ class LevelEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        x = to_channels_last_2d(x)
         for block in self.level_blocks:
             x = block(x)
-        return x
+        return from_channels_last_2d(x)
 
 
 class LevelDecoder(nn.Module):
@@ -69,13 +72,13 @@ class LevelDecoder(nn.Module):
             DecoderConvBlock(emb_width, emb_width, down, stride, **block_kwargs)
             for down, stride in zip(downs_t, strides_t)
         )
-        self.out = nn.Conv1d(emb_width, out_channels, kernel_size=3, stride=1, padding=1)
+        self.out = Conv1d(emb_width, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, latent: Tensor) -> Tensor:
-        x = latent
+        x = to_channels_last_2d(latent)
         for block in reversed(self.level_blocks):
             x = block(x)
-        return self.out(x)
+        return from_channels_last_2d(self.out(x))
 
 
 class VQVAE(nn.Module):

@@ -2,11 +2,14 @@
 
 Attribute names (``model``, nested ``nn.Sequential`` indices) mirror openai/jukebox so that
 its ``vqvae.pth.tar`` state dict loads with strict names; see
-``tests/data/jukebox_vqvae_keys.tsv``. Everything is channels-first: [B, C, T].
+``tests/data/jukebox_vqvae_keys.tsv``. The convolutions take channels-first ``[B, C, T]``
+or, faster on CPU, channels-last ``[B, C, 1, T]`` (see ``conchshell.nn.channels_last``).
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from conchshell.nn.channels_last import Conv1d, ConvTranspose1d
 
 
 class ResidualConvBlock1d(nn.Module):
@@ -18,9 +21,9 @@ class ResidualConvBlock1d(nn.Module):
         # Index layout (ReLU, Conv, ReLU, Conv) fixes the checkpoint names model.1 / model.3.
         self.model = nn.Sequential(
             nn.ReLU(),
-            nn.Conv1d(channels, hidden, kernel_size=3, stride=1, padding=dilation, dilation=dilation),
+            Conv1d(channels, hidden, kernel_size=3, stride=1, padding=dilation, dilation=dilation),
             nn.ReLU(),
-            nn.Conv1d(hidden, channels, kernel_size=1),
+            Conv1d(hidden, channels, kernel_size=1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,12 +89,12 @@ class EncoderConvBlock(nn.Module):
         kernel, padding = 2 * stride_t, stride_t // 2
         blocks: list[nn.Module] = [
             nn.Sequential(
-                nn.Conv1d(in_channels if i == 0 else width, width, kernel, stride_t, padding),
+                Conv1d(in_channels if i == 0 else width, width, kernel, stride_t, padding),
                 DilatedResnet1d(width, depth, m_conv, dilation_growth_rate, dilation_cycle),
             )
             for i in range(down_t)
         ]
-        blocks.append(nn.Conv1d(width, out_channels, kernel_size=3, stride=1, padding=1))
+        blocks.append(Conv1d(width, out_channels, kernel_size=3, stride=1, padding=1))
         self.model = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -122,7 +125,7 @@ class DecoderConvBlock(nn.Module):
         if down_t < 1:
             raise ValueError(f"down_t must be >= 1, got {down_t}")
         kernel, padding = 2 * stride_t, stride_t // 2
-        blocks: list[nn.Module] = [nn.Conv1d(in_channels, width, kernel_size=3, stride=1, padding=1)]
+        blocks: list[nn.Module] = [Conv1d(in_channels, width, kernel_size=3, stride=1, padding=1)]
         for i in range(down_t):
             last = i == down_t - 1
             blocks.append(
@@ -130,7 +133,7 @@ class DecoderConvBlock(nn.Module):
                     DilatedResnet1d(
                         width, depth, m_conv, dilation_growth_rate, dilation_cycle, reverse_dilation
                     ),
-                    nn.ConvTranspose1d(width, out_channels if last else width, kernel, stride_t, padding),
+                    ConvTranspose1d(width, out_channels if last else width, kernel, stride_t, padding),
                 )
             )
         self.model = nn.Sequential(*blocks)
