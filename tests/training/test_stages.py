@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conchshell.config import load_config
 from conchshell.errors import ConfigError
-from conchshell.nn.losses import discriminator_hinge_loss
+from conchshell.nn.losses import discriminator_hinge_loss, feature_matching_loss, generator_hinge_loss
 from conchshell.training.distributed import DistInfo, cleanup_distributed, setup_distributed
 from conchshell.training.optim import gan_optimisers, multi_stage
 from conchshell.training.stages import NonFiniteLossError, build_stage
@@ -183,8 +183,9 @@ def test_conditional_discriminator_sees_labels_for_real_and_the_generated_class_
     projections = [scale.class_projection.weight for scale in stage.discriminator.scales]
     before = [w.clone() for w in projections]
     losses = stage.train_step([synthetic_batch(config)])
-    # label [1, 4] for the real latents, the TCNN's [3, 5] for the fakes; D phase, then G phase.
-    assert seen == [[1, 4, 3, 5], [1, 4, 3, 5]]
+    # label [1, 4] for the real latents, the TCNN's [3, 5] for the fakes: D phase (one joint
+    # forward), then G phase (fakes, then the reals for feature matching).
+    assert seen == [[1, 4, 3, 5], [3, 5], [1, 4]]
     assert "g/commitment" in set(losses)
     assert all(not torch.equal(w, b) for w, b in zip(projections, before))
 
@@ -197,7 +198,8 @@ def test_auxiliary_classifier_learns_real_labels_and_asks_the_generator_for_its_
     fake = stage.generator(features, classes).detach()
     real = stage.real_latent(batch["audio"])
     # Discriminator: hinge plus the head's cross-entropy on the real latents and their labels.
-    real_out, fake_out = stage.judge(stage.discriminator, real, fake, batch["class_id"], classes)
+    real_out = stage.judge(stage.discriminator, real, batch["class_id"])
+    fake_out = stage.judge(stage.discriminator, fake, classes)
     expected = (discriminator_hinge_loss(real_out, fake_out)
                 + F.cross_entropy(stage.discriminator.class_logits(real_out), batch["class_id"]))
     torch.testing.assert_close(stage.discriminator_loss(real, fake, batch["class_id"], classes), expected)
@@ -209,6 +211,37 @@ def test_auxiliary_classifier_learns_real_labels_and_asks_the_generator_for_its_
     losses = stage.train_step([batch])
     assert "g/class" in losses
     assert all(not torch.equal(w, b) for w, b in zip(heads, before))
+
+
+def test_generator_phase_judges_fake_and_real_apart_with_the_joint_forwards_values_and_gradients():
+    config = tiny()
+    stage = fresh_gan_stage(config)
+    stage.discriminator.requires_grad_(False)
+    batch = synthetic_batch(config)
+    features, classes = stage.conditioning(batch, "label")
+    real = stage.real_latent(batch["audio"])
+    fake = stage.generator(features, classes).detach().requires_grad_(True)
+    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    (terms["adversarial"] + terms["feature_matching"]).backward()
+    got = fake.grad.clone()
+    fake.grad = None
+    joint = stage.judge(stage.discriminator, torch.cat([real, fake]), torch.cat([batch["class_id"], classes]))
+    real_out, fake_out = gan_stage_module.split_scales(joint, real.shape[0])
+    expected = {"adversarial": generator_hinge_loss(fake_out),
+                "feature_matching": feature_matching_loss(real_out, fake_out)}
+    sum(expected.values()).backward()
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value)
+    torch.testing.assert_close(got, fake.grad)
+
+
+def test_generator_phase_skips_the_real_forward_without_feature_matching():
+    stage = fresh_gan_stage(tiny("loss.lambda_fm=0"))
+    calls = []
+    stage.discriminator.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    losses = stage.train_step([synthetic_batch(stage.config)])
+    assert "g/feature_matching" not in losses
+    assert calls == [4, 2]  # D phase: real + fake; G phase: the fakes only
 
 
 def test_class_loss_needs_the_auxiliary_classifier():

@@ -182,17 +182,18 @@ class GanStage(Stage):
             return self.codec.encode(audio.float())
 
     # ------------------------------------------------------------------ losses
-    def judge(self, discriminator: torch.nn.Module, real: Tensor, fake: Tensor, real_classes: Tensor,
-              fake_classes: Tensor) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-        """Discriminator outputs (float32) for real and fake, in one forward of both (DDP
-        expects one forward per backward)."""
-        classes = torch.cat([real_classes, fake_classes]) if self.config.discriminator.class_conditional else None
+    def judge(self, discriminator: torch.nn.Module, latent: Tensor, classes: Tensor) -> list[list[Tensor]]:
+        """Discriminator outputs (float32) for ``latent`` (``classes`` read only by a
+        class-conditional discriminator)."""
         with self.autocast():
-            outputs = discriminator(torch.cat([real, fake.to(real.dtype)]), classes)
-        return split_scales([[t.float() for t in scale] for scale in outputs], real.shape[0])
+            outputs = discriminator(latent, classes if self.config.discriminator.class_conditional else None)
+        return [[t.float() for t in scale] for scale in outputs]
 
     def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor) -> Tensor:
-        real_out, fake_out = self.judge(self.d, real, fake.detach(), real_classes, fake_classes)
+        # Real and fake in one forward: DDP expects one forward per backward.
+        outputs = self.judge(self.d, torch.cat([real, fake.detach().to(real.dtype)]),
+                             torch.cat([real_classes, fake_classes]))
+        real_out, fake_out = split_scales(outputs, real.shape[0])
         loss = discriminator_hinge_loss(real_out, fake_out)
         if self.config.discriminator.auxiliary_classifier:
             loss = loss + F.cross_entropy(self.discriminator.class_logits(real_out), real_classes)
@@ -206,10 +207,14 @@ class GanStage(Stage):
         if w.lambda_g or w.lambda_fm or w.lambda_class:
             # The unwrapped discriminator with frozen weights: gradients reach ``fake`` only,
             # and no discriminator all-reduce is spent on the generator's step.
-            real_out, fake_out = self.judge(self.discriminator, real, fake, real_classes, fake_classes)
+            fake_out = self.judge(self.discriminator, fake.to(real.dtype), fake_classes)
             if w.lambda_g:
                 terms["adversarial"] = generator_hinge_loss(fake_out)
             if w.lambda_fm:
+                # Only feature matching reads the real outputs: a forward without a graph
+                # (a joint forward would also back-propagate through the real half).
+                with torch.no_grad():
+                    real_out = self.judge(self.discriminator, real, real_classes)
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
             if w.lambda_class:
                 terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
