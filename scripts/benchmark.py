@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -192,10 +193,14 @@ def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_second
 
 
 def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSpectrogram) -> dict[str, float]:
+    """How far ``other`` is from ``reference``: max |diff|, log-mel L1 and the signal-to-error
+    ratio in dB (None for identical audio: JSON has no infinity)."""
     reference, other = reference.float().cpu(), other.float().cpu()
+    error_energy = (reference - other).pow(2).sum().item()
     return {
         "max_abs_diff": (reference - other).abs().max().item(),
         "mel_l1": mel_l1(other, reference, mel).item(),
+        "snr_db": 10 * math.log10(reference.pow(2).sum().item() / error_energy) if error_energy else None,
         "reference_peak": reference.abs().max().item(),
     }
 
@@ -434,7 +439,8 @@ def print_report(report: dict[str, Any]) -> None:
         print("\n## bf16 vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
             print(f"{c['level']:5} b{c['batch_size']:<2} max|diff| {c['max_abs_diff']:.4g} "
-                  f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}")
+                  f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
+                  f"SNR {'inf' if c['snr_db'] is None else format(c['snr_db'], '.1f')} dB")
     if report["training"]:
         print("\n## GAN training step (ms median [min-max]; samples/s; GFLOP; GFLOP/s; % ceiling; "
               "peak memory; x FLOP-bound at bf16 rate)")

@@ -111,9 +111,11 @@ def test_audio_difference_is_zero_for_identical_audio_and_grows_with_noise():
     mel = script.log_mel_for(config)
     audio = torch.sin(torch.linspace(0, 400, config.clip_samples)).view(1, 1, -1)
     same = script.audio_difference(audio, audio.clone(), mel)
-    assert same["max_abs_diff"] == 0 and same["mel_l1"] == 0
+    assert same["max_abs_diff"] == 0 and same["mel_l1"] == 0 and same["snr_db"] is None
     noisy = script.audio_difference(audio, audio + 0.1 * torch.randn_like(audio), mel)
     assert noisy["max_abs_diff"] > 0.1 and noisy["mel_l1"] > 0
+    # sine power 1/2 against noise power 0.01: 10 log10(50) = 17 dB
+    assert noisy["snr_db"] == pytest.approx(17.0, abs=0.3)
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
