@@ -4,8 +4,9 @@ torch's CPU convolutions (oneDNN) run a ``[B, C, T]`` Conv1d channels-first, whe
 narrow, long convolutions of the Jukebox VQ-VAE (64 channels at audio rate) reach a
 fraction of the matmul rate. Viewed as ``[B, C, 1, T]`` in channels-last memory the same
 convolution is a 2-D one with a ``1 x k`` kernel, which oneDNN runs much faster: on 2 CPU
-cores the Deep decode goes 0.36 -> 0.22 s in fp32 (same samples to 4e-6) and
-0.17 -> 0.09 s under bf16 autocast.
+cores the Deep decode goes 0.32 -> 0.18 s in fp32 (same samples to 4e-6) and
+0.17 -> 0.08 s under bf16 autocast (the encoder is unchanged within noise). Not yet
+measured on a GPU, where cuDNN also has channels-last kernels.
 
 :class:`Conv1d` and :class:`ConvTranspose1d` keep ``nn.Conv1d``'s / ``nn.ConvTranspose1d``'s
 parameters, so checkpoints load unchanged; a 3-D input runs the ordinary 1-D path, a 4-D
