@@ -15,7 +15,8 @@ In one run, after warm-up, with median/min/max over repeats:
   as its first warm-up run. The bf16 and fp32 audio of each level are compared too;
 * one GAN training step for each level, run by the trainer itself
   (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
-  terms) on cached-feature batches: samples/s and ceiling fraction;
+  terms) on cached-feature batches: samples/s and ceiling fraction, for each batch size of
+  ``--train-batch`` up to the first that does not fit in memory (the fastest is marked);
 * the frozen-feature cache: frontend compute per image vs loading a cached tensor.
 
 Every network without a checkpoint file uses the factory's seeded weights, so the run needs
@@ -26,6 +27,7 @@ numbers are shared by every level's chain. Chain totals are the sums of componen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -274,26 +276,52 @@ def gan_training_step(config: Config, device: torch.device, precision: str, batc
     return lambda: stage.train_step([items])
 
 
+def release_memory(device: torch.device) -> None:
+    """Hand freed blocks back after an out-of-memory step, so the next row starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_training_step(config: Config, device: torch.device, precision: str, batch: int,
+                          args: argparse.Namespace) -> dict[str, Any]:
+    step = gan_training_step(config, device, precision, batch)
+    summary = measure(step, device, args.train_repeats, args.train_warmup, with_grad=True).summary()
+    return {**summary, "samples_per_s": batch / summary["median_s"]}
+
+
 def run_training(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """One row per level, precision and batch size. Batch sizes are tried in the given order
+    until one does not fit in memory (a row marked ``out_of_memory``; larger ones are skipped);
+    the fastest fitting batch per level and precision is marked ``best_batch``."""
     rows = []
     for level in args.train_levels:
         config = offline_config(level)
-        batch = args.train_batch or config.train.batch_size
         for precision in args.train_precisions or [config.train.precision]:
-            step = gan_training_step(config, device, precision, batch)
-            measured = measure(step, device, args.train_repeats, args.train_warmup, with_grad=True)
-            summary = measured.summary()
-            rows.append({
-                "level": level,
-                "config": LEVEL_CONFIGS[level],
-                "batch_size": batch,
-                "precision": precision,
-                **summary,
-                "samples_per_s": batch / summary["median_s"],
-            })
-            print_progress(f"train {level} b{batch} {precision}", {"step": summary})
-            del step
+            fitting: list[dict[str, Any]] = []
+            for batch in args.train_batch or [config.train.batch_size]:
+                row = {"level": level, "config": LEVEL_CONFIGS[level], "batch_size": batch, "precision": precision}
+                try:
+                    row.update(measure_training_step(config, device, precision, batch, args))
+                except torch.OutOfMemoryError:
+                    row["out_of_memory"] = True
+                if row.get("out_of_memory"):
+                    # Outside the except block: the traceback no longer pins the step's tensors.
+                    release_memory(device)
+                    rows.append(row)
+                    print(f"[train {level} b{batch} {precision}] out of memory: larger batches skipped",
+                          file=sys.stderr, flush=True)
+                    break
+                fitting.append(row)
+                rows.append(row)
+                print_progress(f"train {level} b{batch} {precision}", {"step": row})
+            if fitting:
+                max(fitting, key=lambda r: r["samples_per_s"])["best_batch"] = True
     return rows
+
+
+def fitting_rows(training: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in training if not row.get("out_of_memory")]
 
 
 # -------------------------------------------------------------------- feature cache
@@ -347,7 +375,7 @@ def run_feature_cache(args: argparse.Namespace, device: torch.device, inference:
         "speedup_features": compute_s / load_s,
         "epoch": [],
     }
-    for row in training:
+    for row in fitting_rows(training):
         step_per_sample = row["median_s"] / row["batch_size"]
         without = step_per_sample + compute_s
         with_cache = step_per_sample + load_s
@@ -374,7 +402,7 @@ def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any
             component["ceiling_fraction"] = component["flops_per_s"] / ceiling
         row["total"] = chain_summary(row["components"], row["batch_size"], row["clip_seconds"],
                                      ceiling, rates["bf16"])
-    for row in training:
+    for row in fitting_rows(training):
         row["ceiling_fraction"] = row["flops_per_s"] / rates[row["precision"]]
         row["flop_bound_s"] = row["flops"] / rates["bf16"]
         row["x_flop_bound"] = row["median_s"] / row["flop_bound_s"]
@@ -416,10 +444,15 @@ def print_inference_row(row: dict[str, Any]) -> None:
 
 
 def print_training_row(row: dict[str, Any]) -> None:
-    print(f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:4} {_ms(row['median_s'])}"
+    head = f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:4}"
+    if row.get("out_of_memory"):
+        print(f"{head} out of memory")
+        return
+    print(f"{head} {_ms(row['median_s'])}"
           f" [{_ms(row['min_s']).strip()}-{_ms(row['max_s']).strip()}] {row['samples_per_s']:8.3f}"
           f" {row['flops'] / 1e9:9.1f} {row['flops_per_s'] / 1e9:8.1f} {100 * row['ceiling_fraction']:6.1f}%"
-          f" {format_bytes(row['peak_memory_bytes']):>9} {row['x_flop_bound']:6.2f}x")
+          f" {format_bytes(row['peak_memory_bytes']):>9} {row['x_flop_bound']:6.2f}x"
+          + ("  best batch" if row.get("best_batch") else ""))
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -495,7 +528,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-precisions", type=_csv(str, PRECISIONS), default=None,
                         help="training precisions (default: each config's train.precision, "
                              "bf16 for the paper's levels, fp32 for tiny)")
-    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default: the config's)")
+    parser.add_argument("--train-batch", type=_csv(int), default=None,
+                        help="training batch sizes, e.g. 2,4,8,16 on a GPU: tried in order until one "
+                             "does not fit in memory; the fastest is marked (default: the config's)")
     parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2)")
     parser.add_argument("--train-warmup", type=int, default=0,
                         help="untimed steps after the FLOP-counting step (default 0: a Deep step is minutes on CPU)")
@@ -515,7 +550,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup = default(args.warmup, 1, 0)
     args.train_repeats = default(args.train_repeats, 2, 1)
     if args.repeats < 1 or args.train_repeats < 1 or min(args.warmup, args.train_warmup) < 0 \
-            or min(args.batch_sizes) < 1:
+            or min(args.batch_sizes) < 1 or min(args.train_batch or [1]) < 1:
         parser.error("repeats and batch sizes must be >= 1 and warmup >= 0")
     return args
 

@@ -158,3 +158,29 @@ def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
     assert cache["frontend_s_per_image"] > cache["cache_load_s_per_image"] > 0
     assert [e["level"] for e in cache["epoch"]] == ["tiny", "tiny"]
     assert all(e["epoch_speedup"] > 1 for e in cache["epoch"])
+
+
+@pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
+def test_training_batch_sweep_stops_at_the_first_batch_that_does_not_fit(tmp_path, capsys, monkeypatch):
+    script = load_script()
+    real_step = script.gan_training_step
+
+    def step_that_fits_up_to_two(config, device, precision, batch):
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(config, device, precision, batch)
+
+    monkeypatch.setattr(script, "gan_training_step", step_that_fits_up_to_two)
+    out = tmp_path / "bench.json"
+    assert script.main(["--levels", "", "--train-levels", "tiny", "--train-batch", "1,2,4,8",
+                        "--train-repeats", "1", "--ceiling-size", "256", "--cache-files", "2",
+                        "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["training"]
+    assert [(r["batch_size"], r.get("out_of_memory", False)) for r in rows] == [(1, False), (2, False), (4, True)]
+    fitting = rows[:2]
+    best = max(fitting, key=lambda r: r["samples_per_s"])
+    assert [r.get("best_batch", False) for r in fitting] == [r is best for r in fitting]
+    assert all(r["ceiling_fraction"] > 0 for r in fitting) and "ceiling_fraction" not in rows[2]
+    printed = capsys.readouterr().out
+    assert "tiny  b4  fp32 out of memory" in printed and "best batch" in printed
+
