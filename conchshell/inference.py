@@ -49,7 +49,7 @@ from conchshell.export import load_generator_export
 from conchshell.models.codec import AudioCodec
 from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
-from conchshell.models.generator import ConchShellGenerator
+from conchshell.models.generator import ConchShellGenerator, freeze_for_inference
 from conchshell.utils.precision import autocast_for, bf16_supported, check_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,11 @@ class ImageToMusic:
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         max_pixels: int = DEFAULT_MAX_PIXELS, precision: str = "fp32") -> "ImageToMusic":
         """Load a generator export (``G-step=N.pt``) and every frozen network its config names."""
+        check_precision(precision, "ImageToMusic")
         generator, config, meta = load_generator_export(path)
         config = resolve_weight_paths(config, path)
+        # This generator is ours alone, so it can be frozen in place (same outputs, faster).
+        generator = freeze_for_inference(generator, precision)
         return cls(generator, build_frontend(config), build_codec(config), config, device,
                    {**meta, "checkpoint": str(path)}, max_pixels, precision)
 

@@ -55,6 +55,7 @@ from conchshell.models.factory import (  # noqa: E402
     build_generator_from_config,
 )
 from conchshell.models.frontend import ImageFrontend  # noqa: E402
+from conchshell.models.generator import freeze_for_inference  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
@@ -218,9 +219,11 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
         if image_key not in frontends:
             frontends[image_key] = build_frontend(config).to(device)
         frontend = frontends[image_key]
-        # Frozen for inference; also, torch's FLOP counter fails on trainable parameters
-        # under inference_mode (its module tracker hooks their gradients).
-        generator = build_quietly(build_generator_from_config, config).to(device).eval().requires_grad_(False)
+        # Frozen for each precision as ImageToMusic.from_checkpoint freezes it; also, torch's
+        # FLOP counter fails on trainable parameters under inference_mode (its module tracker
+        # hooks their gradients).
+        generators = {precision: freeze_for_inference(build_quietly(build_generator_from_config, config), precision)
+                      .to(device) for precision in args.precisions}
         codec = build_quietly(build_codec, config).to(device).eval()
         mel = log_mel_for(config)
         for batch in args.batch_sizes:
@@ -234,8 +237,8 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                     summaries = {n: m.summary() for n, m in measured.items()}
                     frontend_results[key] = (summaries, features, class_ids)
                 front, features, class_ids = frontend_results[key]
-                back, audio = measure_generation(generator, codec, features, class_ids, config.clip_samples,
-                                                 precision, device, args.repeats, args.warmup)
+                back, audio = measure_generation(generators[precision], codec, features, class_ids,
+                                                 config.clip_samples, precision, device, args.repeats, args.warmup)
                 components = {n: dict(front[n], shared=shared) for n in FRONTEND_COMPONENTS}
                 components.update({n: m.summary() for n, m in back.items()})
                 rows.append({
@@ -251,7 +254,7 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
             if {"fp32", "bf16"} <= set(audio_by_precision):
                 comparisons.append({"level": level, "batch_size": batch,
                                     **audio_difference(audio_by_precision["fp32"], audio_by_precision["bf16"], mel)})
-        del generator, codec
+        del generators, codec
     return {"inference": rows, "bf16_vs_fp32_audio": comparisons}
 
 

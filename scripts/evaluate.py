@@ -231,11 +231,11 @@ def untrained_twin(model: Any, seed: int) -> Any:
     import torch
 
     from conchshell.inference import ImageToMusic
-    from conchshell.models.generator import build_generator
+    from conchshell.models.generator import build_generator, freeze_for_inference
 
     torch.manual_seed(seed)
     # hparams is the export's generator_hparams as rebuilt by load_generator_export.
-    generator = build_generator(**model.generator.hparams)
+    generator = freeze_for_inference(build_generator(**model.generator.hparams), model.precision)
     meta = {"checkpoint": f"the untrained generator (architecture of {model.meta.get('checkpoint')}, seed {seed})"}
     return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels,
                         model.precision)

@@ -119,6 +119,20 @@ def test_bf16_runs_image_networks_generator_and_decoder_in_bf16_and_the_code_sea
     assert cli.parse_args(["--precision", "bf16"]).precision == "bf16" and cli.parse_args([]).precision == "fp32"
 
 
+def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_same_audio(model, export, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = ImageToMusic.from_checkpoint(export, device="cpu", precision="bf16")
+        with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+            ImageToMusic.from_checkpoint(export, device="cpu", precision="fp16")
+    layers = [m for m in loaded.generator.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear))]
+    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    # The same export, unfrozen for bf16 (fp32 weights cast by autocast on every call): same samples.
+    autocast_only = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
+    image = make_image(tmp_path / "sea.png")
+    assert np.array_equal(loaded.generate(image)[0], autocast_only.generate(image)[0])
+
+
 def test_class_override_reaches_generator_and_prediction_is_kept(model, tmp_path):
     image = make_image(tmp_path / "sea.jpg")
     given = []

@@ -365,3 +365,26 @@ def build_generator(level: str, **hparams: Any) -> ConchShellGenerator:
     architecture cannot honour (the message gives the minimum).
     """
     return ConchShellGenerator(level, **hparams)
+
+
+@torch.no_grad()
+def freeze_for_inference(generator: ConchShellGenerator, precision: str) -> ConchShellGenerator:
+    """Turn ``generator`` (in place) into a frozen network for generation only, and return it.
+
+    Weight normalisation is folded into plain weights, computed once instead of on every
+    call. For ``"bf16"`` every conv and linear layer is stored in bf16, which bf16 autocast
+    would otherwise cast from fp32 on every call (Deep, batch 1, 2 CPU cores: 238 -> 193 ms).
+    Under the matching precision (fp32, or bf16 autocast) the outputs are bit-identical to
+    the unfrozen network's. The result cannot be trained, and its state dict has plain
+    ``weight`` entries: export generators before freezing them.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; expected fp32 or bf16")
+    for module in generator.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    if precision == "bf16":
+        for module in generator.modules():
+            if isinstance(module, (nn.Conv1d, nn.Linear)):
+                module.to(torch.bfloat16)
+    return generator.eval().requires_grad_(False)

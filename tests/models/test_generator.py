@@ -327,3 +327,32 @@ def test_wrong_input_shapes_are_rejected() -> None:
         model(torch.randn(2, 1, 16), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="class_ids"):
         model(torch.randn(2, 16), torch.tensor([0]))
+
+
+# ---------------------------------------------------------------- frozen for inference
+
+
+@pytest.mark.parametrize("level", list(PAPER))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_freeze_for_inference_folds_weight_norm_casts_for_bf16_and_keeps_outputs_bit_identical(
+        level: str, precision: str) -> None:
+    def build() -> ConchShellGenerator:
+        torch.manual_seed(0)
+        return build_generator(level, latent_length=37, feature_dim=16, class_dim=8, width=0.0625,
+                               signal_length=None if level == "high" else 300).eval()
+
+    reference, frozen = build(), generator_module.freeze_for_inference(build(), precision)
+    assert not any(parametrize.is_parametrized(m) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+    layers = [m for m in frozen.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert layers and all(m.weight.dtype == want for m in layers)
+    assert frozen.class_embedding.weight.dtype == torch.float32
+    features, class_ids = torch.randn(3, 16), torch.tensor([0, 1, 5])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        assert torch.equal(frozen(features, class_ids), reference(features, class_ids))
+
+
+def test_freeze_for_inference_rejects_an_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        generator_module.freeze_for_inference(build_generator("high", latent_length=37, width=0.0625), "fp16")
