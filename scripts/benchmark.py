@@ -96,6 +96,12 @@ def build_quietly(build: Callable[[Config], Any], config: Config) -> Any:
         return build(config)
 
 
+def seeded_generator(config: Config) -> torch.nn.Module:
+    """The level's generator with weights that depend only on the config."""
+    torch.manual_seed(0)
+    return build_quietly(build_generator_from_config, config)
+
+
 def seeded_images(batch: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch)
     return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device)
@@ -219,11 +225,12 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
         if image_key not in frontends:
             frontends[image_key] = build_frontend(config).to(device)
         frontend = frontends[image_key]
-        # Frozen for each precision as ImageToMusic.from_checkpoint freezes it; also, torch's
-        # FLOP counter fails on trainable parameters under inference_mode (its module tracker
-        # hooks their gradients).
-        generators = {precision: freeze_for_inference(build_quietly(build_generator_from_config, config), precision)
-                      .to(device) for precision in args.precisions}
+        # Frozen for each precision as ImageToMusic.from_checkpoint freezes it (the same seeded
+        # weights in each, so the bf16 and fp32 audio are comparable); also, torch's FLOP
+        # counter fails on trainable parameters under inference_mode (its module tracker hooks
+        # their gradients).
+        generators = {precision: freeze_for_inference(seeded_generator(config), precision).to(device)
+                      for precision in args.precisions}
         codec = build_quietly(build_codec, config).to(device).eval()
         mel = log_mel_for(config)
         for batch in args.batch_sizes:

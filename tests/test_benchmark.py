@@ -184,3 +184,14 @@ def test_training_batch_sweep_stops_at_the_first_batch_that_does_not_fit(tmp_pat
     printed = capsys.readouterr().out
     assert "tiny  b4  fp32 out of memory" in printed and "best batch" in printed
 
+
+
+def test_each_precision_gets_a_generator_with_the_same_seeded_weights():
+    # The bf16-vs-fp32 audio comparison is only meaningful between identical networks.
+    script = load_script()
+    config = script.offline_config("tiny")
+    torch.manual_seed(123)
+    first = script.seeded_generator(config).state_dict()
+    torch.randn(10)
+    second = script.seeded_generator(config).state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
