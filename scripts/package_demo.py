@@ -103,9 +103,8 @@ def run_phases(folder: Path) -> list[tuple[Path, int]]:
     return phases
 
 
-def curve_points(run: str, folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) per metrics.jsonl key of the run's panel, across all its phases."""
-    phases = run_phases(folder)
+def curve_points(run: str, phases: list[tuple[Path, int]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per metrics.jsonl key of the run's panel, across its :func:`run_phases`."""
     ends = [start for _, start in phases[1:]] + [None]
     points: dict[str, list[tuple[int, float]]] = {}
     for (phase, start), end in zip(phases, ends):
@@ -119,7 +118,8 @@ def curve_points(run: str, folder: Path) -> dict[str, list[tuple[int, float]]]:
     return points
 
 
-def plot_curves(runs: dict[str, Path], out: Path) -> Path:
+def plot_curves(runs: dict[str, list[tuple[Path, int]]], out: Path) -> Path:
+    """One panel per run (its :func:`run_phases`), a dotted line where each later phase starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,14 +128,14 @@ def plot_curves(runs: dict[str, Path], out: Path) -> Path:
     from conchshell.utils.files import atomic_write
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6))
-    for axis, (run, folder) in zip(axes, runs.items()):
-        points = curve_points(run, folder)
+    for axis, (run, phases) in zip(axes, runs.items()):
+        points = curve_points(run, phases)
         for key, label in CURVES[run]:
             if points.get(key):
                 steps, values = zip(*points[key])
                 style = dict(marker="o", markersize=3) if key.startswith("val/") else dict(alpha=0.8)
                 axis.plot(steps, values, label=label, **style)
-        for _, start in run_phases(folder)[1:]:
+        for _, start in phases[1:]:
             axis.axvline(start, color="grey", linestyle=":", linewidth=1)
             axis.annotate("init_from", (start, 0.02), xycoords=("data", "axes fraction"),
                           fontsize=7, rotation=90, va="bottom", ha="right", color="grey")
@@ -202,10 +202,11 @@ def package(tcnn: Path, codec: Path, gan: Path, out_dir: Path, limit_mb: float) 
     text = yaml.safe_dump(config_to_dict(shipped), sort_keys=False, default_flow_style=False)
     atomic_write(out_dir / "config.yaml", lambda handle: handle.write(text.encode()))
     runs = {run: path if path.is_dir() else path.parent for run, path in {"tcnn": tcnn, "codec": codec, "gan": gan}.items()}
-    curves = plot_curves(runs, out_dir / "training_curves.png")
+    phases_of = {run: run_phases(folder) for run, folder in runs.items()}
+    curves = plot_curves(phases_of, out_dir / "training_curves.png")
     run_configs = []
-    for run, folder in runs.items():
-        phases = [phase for phase, _ in run_phases(folder)]
+    for run, run_phase_list in phases_of.items():
+        phases = [phase for phase, _ in run_phase_list]
         for number, phase in enumerate(phases, 1):
             if (phase / "config.yaml").is_file():
                 target = out_dir / "runs" / (f"{run}.yaml" if number == len(phases) else f"{run}.phase{number}.yaml")

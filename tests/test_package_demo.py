@@ -98,7 +98,7 @@ def test_a_run_started_from_another_continues_its_curve_and_keeps_both_configs(r
     save_generator_export(second / "G-best.pt", generator, config, step=7)
 
     assert package_demo.run_phases(second) == [(first, 0), (second, 10)]
-    points = package_demo.curve_points("gan", second)
+    points = package_demo.curve_points("gan", package_demo.run_phases(second))
     assert points["g/mel"] == [(5, 1.5), (10, 1.2), (17, 0.9)] and points["val/mel_l1"] == [(10, 1.3)]
 
     out = tmp_path / "demo"

@@ -166,10 +166,9 @@ class Stage:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], source: str) -> None:
-        for part, own in (("models", self.models), ("optimizers", self.optimizers),
-                          ("schedulers", self.schedulers)):
+        for part, own in (("optimizers", self.optimizers), ("schedulers", self.schedulers)):
             self._check_parts(state, part, own, source)
-        self.load_model_weights(state, source)
+        self.load_model_weights(state, source)  # checks the "models" part itself
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():
