@@ -35,6 +35,7 @@ from pathlib import Path
 from conchshell.constants import CLASS_NAMES, PRECISIONS
 from conchshell.data.manifest import IMAGE_EXTENSIONS
 from conchshell.errors import ConchShellError
+from conchshell.utils.host_memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parent
 EXAMPLE_IMAGES = ROOT / "examples"
@@ -201,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
+    keep_freed_memory()
     try:
         status = run(args)
     except ConchShellError as exc:

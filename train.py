@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(config_path, args.overrides)
         # Imported after the config is known good: torch and the models take seconds to load.
         from conchshell.training.trainer import train
+        from conchshell.utils.host_memory import keep_freed_memory
+
+        keep_freed_memory()
 
         train(config, args.out, args.resume)
     except ConfigError as exc:

@@ -59,6 +59,7 @@ from conchshell.models.generator import freeze_for_inference  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
+from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
 from conchshell.utils.precision import autocast_for  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
     Timing,
@@ -542,8 +543,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="training batch sizes, e.g. 2,4,8,16 on a GPU: tried in order until one "
                              "does not fit in memory; the fastest is marked (default: the config's)")
     parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2)")
-    parser.add_argument("--train-warmup", type=int, default=0,
-                        help="untimed steps after the FLOP-counting step (default 0: a Deep step is minutes on CPU)")
+    parser.add_argument("--train-warmup", type=int, default=None,
+                        help="untimed steps after the FLOP-counting step (default 1, 0 with --quick: the "
+                             "allocator settles over the first steps)")
     parser.add_argument("--cache-files", type=int, default=64, help="cached items read per timed cache run")
     parser.add_argument("--ceiling-size", type=int, default=None,
                         help="matmul size for the ceiling (default 2048 on CPU, 8192 on CUDA)")
@@ -559,6 +561,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = default(args.repeats, 3, 1)
     args.warmup = default(args.warmup, 1, 0)
     args.train_repeats = default(args.train_repeats, 2, 1)
+    args.train_warmup = default(args.train_warmup, 1, 0)
     if args.repeats < 1 or args.train_repeats < 1 or min(args.warmup, args.train_warmup) < 0 \
             or min(args.batch_sizes) < 1 or min(args.train_batch or [1]) < 1:
         parser.error("repeats and batch sizes must be >= 1 and warmup >= 0")
@@ -571,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    keeps_freed_memory = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -590,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "device_name": device_name(device),
             "threads": torch.get_num_threads(),
+            # As the entry points run: freed CPU memory kept for reuse (conchshell.utils.host_memory).
+            "keep_freed_memory": keeps_freed_memory,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from conchshell.constants import CLASS_NAMES, CLIP_SECONDS  # noqa: E402
 from conchshell.data.audio import load_audio  # noqa: E402
 from conchshell.errors import ConchShellError, DataError  # noqa: E402
+from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
 
 EVAL_RATE = 16_000
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -577,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()
     try:
         return run(args)
     except ConchShellError as exc:

@@ -48,6 +48,7 @@ from conchshell.data.feature_cache import (  # noqa: E402
 from conchshell.data.manifest import read_manifest  # noqa: E402
 from conchshell.errors import ConchShellError, ConfigError  # noqa: E402
 from conchshell.models.factory import build_codec, build_frontend  # noqa: E402
+from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
 
 
 def pick_device(name: str) -> torch.device:
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     parser.add_argument("overrides", nargs="*", help="config overrides, dotted.key=value")
     args = parser.parse_args(argv)
+    keep_freed_memory()
 
     try:
         config = load_config(args.config, args.overrides)
