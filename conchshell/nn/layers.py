@@ -24,9 +24,11 @@ def WNConv1d(
     dilation: int = 1,
     groups: int = 1,
     bias: bool = True,
+    conv_type: type[nn.Conv1d] = nn.Conv1d,
 ) -> nn.Conv1d:
-    """A ``Conv1d`` whose weight is reparametrised as ``g * v / ||v||`` (one g per output channel)."""
-    conv = nn.Conv1d(
+    """A ``conv_type`` (``nn.Conv1d`` or a subclass with its parameters) whose weight is
+    reparametrised as ``g * v / ||v||`` (one g per output channel)."""
+    conv = conv_type(
         in_channels,
         out_channels,
         kernel_size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -58,17 +59,19 @@ def feature_matching_loss(real_outputs: DiscriminatorOutputs, fake_outputs: Disc
 
     Uses the first ``num_layers`` outputs of every scale (the six feature maps, never the
     score), each term the mean absolute difference times :func:`feature_matching_weight`.
-    Real features are detached: this loss trains the generator only.
+    Real features are detached: this loss trains the generator only. Each difference is
+    taken in the maps' own dtype (bf16 maps: no float32 copies; the mean still accumulates
+    in float32) and the loss is float32.
     """
     _check_scales(real_outputs, fake_outputs)
     weight = feature_matching_weight(len(fake_outputs), num_downsampling_layers)
-    loss = fake_outputs[0][0].new_zeros(())
+    loss = fake_outputs[0][0].new_zeros((), dtype=torch.float32)
     for scale, (real, fake) in enumerate(zip(real_outputs, fake_outputs)):
         if len(real) < num_layers or len(fake) < num_layers:
             raise ValueError(f"scale {scale}: need {num_layers} feature maps, got "
                              f"{len(real)} real and {len(fake)} fake outputs")
         for real_map, fake_map in zip(real[:num_layers], fake[:num_layers]):
-            loss = loss + weight * F.l1_loss(fake_map, real_map.detach())
+            loss = loss + weight * F.l1_loss(fake_map, real_map.detach()).float()
     return loss
 
 

@@ -86,6 +86,17 @@ def test_feature_matching_trains_only_the_generator_side():
     torch.testing.assert_close(first.grad, torch.full_like(first, expected))
 
 
+def test_feature_matching_on_bf16_maps_is_float32_and_matches_float32_maps():
+    torch.manual_seed(0)
+    real = [[torch.randn(2, 8, 512 >> s).bfloat16() for _ in range(7)] for s in range(NUM_SCALES)]
+    fake = [[t + 0.1 * torch.randn_like(t) for t in scale] for scale in real]
+    loss = feature_matching_loss(real, fake)
+    assert loss.dtype == torch.float32
+    as_float = [[t.float() for t in scale] for scale in fake], [[t.float() for t in scale] for scale in real]
+    expected = feature_matching_loss(as_float[1], as_float[0])
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+
+
 def test_feature_matching_rejects_too_few_feature_maps():
     real = outputs_with_scores(0.0)
     fake = outputs_with_scores(0.0)

@@ -235,6 +235,17 @@ def test_generator_phase_judges_fake_and_real_apart_with_the_joint_forwards_valu
     torch.testing.assert_close(got, fake.grad)
 
 
+def test_bf16_judge_keeps_feature_maps_in_bf16_and_gives_float32_scores():
+    stage = fresh_gan_stage(tiny("train.precision=bf16"))
+    batch = synthetic_batch(stage.config)
+    real = stage.real_latent(batch["audio"])
+    outputs = stage.judge(stage.discriminator, real, batch["class_id"])
+    assert all(t.dtype == torch.bfloat16 for scale in outputs for t in scale[:-1])
+    assert all(scale[-1].dtype == torch.float32 for scale in outputs)
+    losses = stage.train_step([batch])
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
+
+
 def test_generator_phase_skips_the_real_forward_without_feature_matching():
     stage = fresh_gan_stage(tiny("loss.lambda_fm=0"))
     calls = []

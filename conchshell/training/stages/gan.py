@@ -183,11 +183,12 @@ class GanStage(Stage):
 
     # ------------------------------------------------------------------ losses
     def judge(self, discriminator: torch.nn.Module, latent: Tensor, classes: Tensor) -> list[list[Tensor]]:
-        """Discriminator outputs (float32) for ``latent`` (``classes`` read only by a
-        class-conditional discriminator)."""
+        """Discriminator outputs for ``latent`` (``classes`` read only by a class-conditional
+        discriminator): scores in float32, feature maps as computed (bf16 under bf16
+        autocast: float32 copies of a Deep step's maps and their gradients moved 5 GB)."""
         with self.autocast():
             outputs = discriminator(latent, classes if self.config.discriminator.class_conditional else None)
-        return [[t.float() for t in scale] for scale in outputs]
+        return [[*scale[:-1], scale[-1].float()] for scale in outputs]
 
     def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor) -> Tensor:
         # Real and fake in one forward: DDP expects one forward per backward.

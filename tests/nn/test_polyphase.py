@@ -1,0 +1,62 @@
+"""Phase-split strided convolutions against torch's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conchshell.nn.layers import WNConv1d
+from conchshell.nn.polyphase import PolyphaseConv1d, polyphase_conv1d
+
+
+@pytest.mark.parametrize("stride, kernel, padding, groups, length", [
+    (4, 41, 20, 8, 1000),   # the discriminator's strided layers
+    (4, 41, 20, 8, 1003),   # a length that is not a whole number of phases
+    (4, 41, 0, 1, 97),      # no padding: the padded input is cropped at the end
+    (2, 5, 1, 2, 33),       # kernel not a multiple of the stride
+    (3, 3, 2, 4, 10),
+    (5, 2, 0, 1, 12),       # kernel shorter than the stride: samples skipped
+])
+def test_equals_the_direct_convolution_with_gradients(stride, kernel, padding, groups, length):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4 * groups, length, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3 * groups, 4, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3 * groups, dtype=torch.float64, requires_grad=True)
+    expected = F.conv1d(x, weight, bias, stride=stride, padding=padding, groups=groups)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)
+    result = polyphase_conv1d(x, weight, bias, stride, padding, groups)
+    assert result.shape == expected.shape
+    torch.testing.assert_close(result, expected)
+    for grad, expected_grad in zip(torch.autograd.grad(result, (x, weight, bias), upstream), expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_too_short_input_is_an_error():
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        polyphase_conv1d(torch.randn(1, 1, 5), torch.randn(1, 1, 9), None, 4, 0, 1)
+
+
+def test_module_keeps_conv1d_parameters_and_matches_it():
+    torch.manual_seed(0)
+    plain = WNConv1d(8, 16, 41, stride=4, padding=20, groups=2)
+    phased = WNConv1d(8, 16, 41, stride=4, padding=20, groups=2, conv_type=PolyphaseConv1d)
+    assert phased.state_dict().keys() == plain.state_dict().keys()
+    phased.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 8, 777)
+    torch.testing.assert_close(phased(x), plain(x), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(phased(x.bfloat16()).float(), plain(x.bfloat16()).float(), rtol=0.05, atol=0.05)
+
+
+def test_module_without_stride_or_with_dilation_runs_as_usual():
+    torch.manual_seed(0)
+    for kwargs in ({"stride": 1, "padding": 1}, {"stride": 2, "dilation": 2}):
+        conv = PolyphaseConv1d(2, 3, 3, **kwargs)
+        x = torch.randn(1, 2, 20)
+        torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation))
+
+
+def test_module_rejects_padding_it_cannot_phase_split():
+    with pytest.raises(ValueError, match="zero padding"):
+        PolyphaseConv1d(2, 3, 3, stride=2, padding=1, padding_mode="reflect")
