@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conchshell.nn.polyphase import direct_convolutions
 from conchshell.utils.profile import count_macs
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -161,7 +162,8 @@ def count_flops(fn: Callable[[], Any], with_grad: bool = False) -> tuple[int, An
     Inference uses :func:`conchshell.utils.profile.count_macs` (x2); ``with_grad=True``
     counts a call that needs autograd (a training step, backward convs included), which
     count_macs cannot since it runs under ``no_grad``; its convolution backward uses
-    :func:`conv_backward_flops` (groups handled).
+    :func:`conv_backward_flops` (groups handled). Both count phase-split convolutions as the
+    plain ones (:func:`conchshell.nn.polyphase.direct_convolutions`).
     """
     if not with_grad:
         box: list[Any] = []
@@ -169,7 +171,7 @@ def count_flops(fn: Callable[[], Any], with_grad: bool = False) -> tuple[int, An
         return 2 * macs, box[0]
     counter = FlopCounterMode(display=False,
                               custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
-    with counter:
+    with counter, direct_convolutions():
         result = fn()
     return counter.get_total_flops(), result
 

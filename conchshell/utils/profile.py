@@ -1,7 +1,9 @@
 """Parameter and multiply-accumulate counts, with the paper's conventions.
 
 MACs count the weight multiplications of convolutions and matrix products only (no bias,
-normalisation, activation or pooling), which is what the paper's Table 1 reports.
+normalisation, activation or pooling), which is what the paper's Table 1 reports. Layers
+that compute a convolution another way (``conchshell.nn.polyphase``) are counted as the
+plain convolution: the model's work, not the zero taps of the faster form.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from conchshell.nn.polyphase import direct_convolutions
 
 
 def count_params(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> int:
@@ -22,6 +26,6 @@ def count_params(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> int:
 def count_macs(fn: Any, *args: Any, **kwargs: Any) -> int:
     """MACs of one call ``fn(*args, **kwargs)``: convolution and matmul FLOPs / 2."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with counter, direct_convolutions():
         fn(*args, **kwargs)
     return counter.get_total_flops() // 2

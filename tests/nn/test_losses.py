@@ -13,6 +13,7 @@ from conchshell.nn.losses import (
     feature_matching_weight,
     generator_hinge_loss,
     generator_objective,
+    mean_absolute_difference,
 )
 
 NUM_SCALES = 3
@@ -95,6 +96,23 @@ def test_feature_matching_on_bf16_maps_is_float32_and_matches_float32_maps():
     as_float = [[t.float() for t in scale] for scale in fake], [[t.float() for t in scale] for scale in real]
     expected = feature_matching_loss(as_float[1], as_float[0])
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+
+
+def test_mean_absolute_difference_is_l1_loss_with_its_gradient():
+    torch.manual_seed(0)
+    a = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    value = mean_absolute_difference(a, b)
+    assert value.dtype == torch.float32
+    (grad_a,) = torch.autograd.grad(value, a)
+    expected = torch.nn.functional.l1_loss(a, b.detach())
+    (expected_a,) = torch.autograd.grad(expected, a)
+    torch.testing.assert_close(value, expected.float())
+    torch.testing.assert_close(grad_a, expected_a)
+    mean_absolute_difference(a, b).backward()
+    assert b.grad is None, "the second argument is a constant"
+    with pytest.raises(ValueError, match="shapes differ"):
+        mean_absolute_difference(a, b[:1])
 
 
 def test_feature_matching_rejects_too_few_feature_maps():

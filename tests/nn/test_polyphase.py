@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from conchshell.nn.layers import WNConv1d
-from conchshell.nn.polyphase import PolyphaseConv1d, polyphase_conv1d
+from conchshell.nn.polyphase import PolyphaseConv1d, direct_convolutions, polyphase_conv1d
+from conchshell.utils.profile import count_macs
 
 
 @pytest.mark.parametrize("stride, kernel, padding, groups, length", [
@@ -60,3 +62,37 @@ def test_module_without_stride_or_with_dilation_runs_as_usual():
 def test_module_rejects_padding_it_cannot_phase_split():
     with pytest.raises(ValueError, match="zero padding"):
         PolyphaseConv1d(2, 3, 3, stride=2, padding=1, padding_mode="reflect")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_outputs", [4, 16])  # below and at the float32 weight-gradient threshold
+def test_autocast_gradients_match_the_direct_convolution(dtype, group_outputs):
+    torch.manual_seed(0)
+    groups = 4
+    x = torch.randn(2, 4 * groups, 301).to(dtype).requires_grad_(True)
+    conv = nn.Conv1d(4 * groups, group_outputs * groups, 41, stride=4, padding=20, groups=groups)
+    outputs, grads = [], []
+    for fn in (lambda: conv(x), lambda: polyphase_conv1d(x, conv.weight, conv.bias, 4, 20, groups)):
+        conv.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn()
+        out.float().pow(2).sum().backward()
+        outputs.append(out)
+        grads.append([x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()])
+    assert outputs[0].dtype == outputs[1].dtype == torch.bfloat16
+    assert [g.dtype for g in grads[1]] == [dtype, torch.float32, torch.float32]
+    torch.testing.assert_close(outputs[1].float(), outputs[0].float(), rtol=0.02, atol=0.05)
+    for got, expected in zip(grads[1], grads[0]):
+        relative = (got.float() - expected.float()).norm() / expected.float().norm()
+        assert relative < 0.02
+
+
+def test_direct_convolutions_switch_counts_the_models_own_work():
+    conv = PolyphaseConv1d(8, 16, 41, stride=4, padding=20, groups=2)
+    x = torch.randn(1, 8, 400)
+    direct_macs = 16 * 4 * 41 * 100  # out channels x inputs per group x taps x outputs
+    assert count_macs(conv, x) == direct_macs
+    with direct_convolutions():
+        torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2))
+    torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2), rtol=1e-5, atol=1e-5)
