@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conchshell.nn.polyphase import direct_convolutions
+from conchshell.utils.host_memory import release_free_memory
 from conchshell.utils.profile import count_macs
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -81,10 +82,12 @@ class PeakMemory:
     """Context manager measuring the peak memory of the code it wraps.
 
     CUDA: the caching allocator's peak (``max_memory_allocated``) above what was allocated
-    on entry. CPU: tracemalloc cannot see torch's allocations, so the process's resident-set
-    high-water mark (VmHWM) is reset on entry and read on exit; ``peak_bytes`` is the rise
-    over the RSS at entry, which includes allocator caching and anything other threads
-    touch. Where the reset is not permitted, the lifetime max RSS is reported instead
+    on entry. CPU: tracemalloc cannot see torch's allocations, so free heap pages are handed
+    back to the OS (they would hide the rise: see ``conchshell.utils.host_memory``), the
+    process's resident-set high-water mark (VmHWM) is reset on entry and read on exit;
+    ``peak_bytes`` is the rise over the RSS at entry, which includes allocator caching and
+    anything other threads touch. Pages handed back are faulted in again inside the block,
+    so do not time what it wraps. Where the reset is not permitted, the lifetime max RSS is reported instead
     (``kind == "cpu_maxrss"``: an upper bound, not a per-region figure).
     """
 
@@ -100,7 +103,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline = torch.cuda.memory_allocated(self.device)
             self.kind = "cuda_allocated"
-        elif _reset_cpu_high_water_mark() and _status_kib("VmRSS") is not None:
+            return self
+        release_free_memory()
+        if _reset_cpu_high_water_mark() and _status_kib("VmRSS") is not None:
             self._baseline = (_status_kib("VmRSS") or 0) * 1024
             self.kind = "cpu_vmhwm"
         else:
@@ -118,7 +123,8 @@ class PeakMemory:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` timed runs under PeakMemory.
+    """Run ``fn`` ``warmup`` times untimed, once more under PeakMemory (untimed: on CPU it
+    starts from handed-back pages), then ``repeats`` timed runs.
 
     The last result is kept in ``Timing.extra["result"]`` so callers can chain stages or
     compare outputs without an extra run.
@@ -128,14 +134,15 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     for _ in range(warmup):
         fn()
     synchronize(device)
+    with PeakMemory(device) as memory:
+        fn()
     seconds = []
     result = None
-    with PeakMemory(device) as memory:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
     return Timing(seconds, memory.peak_bytes, memory.kind, {"result": result})
 
 

@@ -41,6 +41,13 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS now (glibc ``malloc_trim``); return whether
+    any were. Lets a peak-memory reading start from live data while freed memory is kept."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks for reuse (once per process); return whether it is on.
 

@@ -63,3 +63,26 @@ def test_reallocation_reuses_freed_memory_without_page_faults():
 
 def test_opt_out_variable_values():
     assert run_probe("0")["applied"] is (host_memory._glibc() is not None)
+
+
+def test_release_free_memory_hands_back_kept_pages():
+    probe = (
+        "import json, torch\n"
+        "from conchshell.utils.host_memory import keep_freed_memory, release_free_memory\n"
+        "def rss():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "keep_freed_memory()\n"
+        "block = torch.ones(64 * 1024 * 1024)\n"
+        "del block\n"
+        "kept = rss()\n"
+        "released = release_free_memory()\n"
+        "print(json.dumps({'released': released, 'drop': kept - rss()}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if host_memory._glibc() is None:
+        assert result["released"] is False
+    else:
+        assert result["released"] is True and result["drop"] > 200 * 1024 * 1024
