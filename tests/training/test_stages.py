@@ -295,6 +295,29 @@ def test_audio_terms_and_commitment_share_one_code_search():
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
+def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32():
+    stage = fresh_gan_stage(tiny("train.precision=bf16", "loss.lambda_g=0", "loss.lambda_fm=0"))
+    batch = synthetic_batch(stage.config)
+    features, classes = stage.conditioning(batch, "label")
+    fake = stage.generator(features, classes).detach().requires_grad_(True)
+    real = stage.real_latent(batch["audio"])
+    seen = {}
+    original = stage.codec.quantize
+
+    def quantize(latent):
+        seen["search"] = (latent.dtype, torch.is_autocast_enabled("cpu"))
+        return original(latent)
+
+    stage.codec.quantize = quantize
+    decoder = stage.codec.vqvae.decoders[stage.codec.level]
+    decoder.register_forward_hook(lambda module, args, out: seen.update(decoded=out.dtype))
+    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    assert seen == {"search": (torch.float32, False), "decoded": torch.bfloat16}
+    assert terms["wave"].dtype == terms["mel"].dtype == torch.float32
+    (terms["wave"] + terms["mel"]).backward()
+    assert fake.grad is not None and fake.grad.abs().sum() > 0
+
+
 def test_prepare_sets_the_standardisation_from_training_features_only_when_asked():
     config = tiny("generator.standardize_features=true")
     stage = fresh_gan_stage(config)

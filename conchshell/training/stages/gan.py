@@ -219,15 +219,18 @@ class GanStage(Stage):
                 terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
             if w.lambda_class:
                 terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
-        # The codec side runs in fp32 (bf16 flips codes); the nearest codes are searched once
-        # for the audio terms and the commitment.
+        # The nearest codes are searched once, in fp32 (bf16 flips codes), for the audio terms
+        # and the commitment. The frozen decoder runs at the run's precision like the trained
+        # networks: under bf16 its forward + backward takes half the time (Deep, batch 2, 2 CPU
+        # cores: 1.1-1.4 s -> 0.5-0.7 s).
         fake_fp32 = fake.float()
         if w.lambda_wave or w.lambda_mel or w.lambda_commitment:
             with torch.autocast(device_type=self.device.type, enabled=False):
                 nearest = nearest_codes_latent(self.codec, fake_fp32)
-                if w.lambda_wave or w.lambda_mel:
+            if w.lambda_wave or w.lambda_mel:
+                with self.autocast():
                     fake_audio = quantized_audio(self.codec, fake_fp32, audio.shape[-1],
-                                                 self.config.loss.straight_through, nearest)
+                                                 self.config.loss.straight_through, nearest).float()
             if w.lambda_wave:
                 terms["wave"] = F.l1_loss(fake_audio, audio)
             if w.lambda_mel:
