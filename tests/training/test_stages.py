@@ -184,8 +184,8 @@ def test_conditional_discriminator_sees_labels_for_real_and_the_generated_class_
     before = [w.clone() for w in projections]
     losses = stage.train_step([synthetic_batch(config)])
     # label [1, 4] for the real latents, the TCNN's [3, 5] for the fakes: D phase (one joint
-    # forward), then G phase (fakes, then the reals for feature matching).
-    assert seen == [[1, 4, 3, 5], [3, 5], [1, 4]]
+    # forward), then G phase (the fakes; feature matching reuses the D phase's reals).
+    assert seen == [[1, 4, 3, 5], [3, 5]]
     assert "g/commitment" in set(losses)
     assert all(not torch.equal(w, b) for w, b in zip(projections, before))
 
@@ -202,9 +202,10 @@ def test_auxiliary_classifier_learns_real_labels_and_asks_the_generator_for_its_
     fake_out = stage.judge(stage.discriminator, fake, classes)
     expected = (discriminator_hinge_loss(real_out, fake_out)
                 + F.cross_entropy(stage.discriminator.class_logits(real_out), batch["class_id"]))
-    torch.testing.assert_close(stage.discriminator_loss(real, fake, batch["class_id"], classes), expected)
+    loss, real_features = stage.discriminator_loss(real, fake, batch["class_id"], classes)
+    torch.testing.assert_close(loss, expected)
     # Generator: the head's cross-entropy on the fakes against the TCNN's classes [3, 5].
-    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    terms = stage.generator_terms(fake, real, batch["audio"], real_features, classes)
     torch.testing.assert_close(terms["class"], F.cross_entropy(stage.discriminator.class_logits(fake_out), classes))
     heads = [scale.class_head.weight for scale in stage.discriminator.scales]
     before = [w.clone() for w in heads]
@@ -213,7 +214,29 @@ def test_auxiliary_classifier_learns_real_labels_and_asks_the_generator_for_its_
     assert all(not torch.equal(w, b) for w, b in zip(heads, before))
 
 
-def test_generator_phase_judges_fake_and_real_apart_with_the_joint_forwards_values_and_gradients():
+def test_feature_matching_reads_the_discriminator_phases_real_outputs_from_before_its_update():
+    # MelGAN's recipe: the reals are judged once, in the discriminator's phase; the generator
+    # phase judges only the fakes, with the updated discriminator.
+    stage = fresh_gan_stage(tiny())
+    batch = synthetic_batch(stage.config)
+    features, classes = stage.conditioning(batch, "label")
+    real = stage.real_latent(batch["audio"])
+    fake = stage.generator(features, classes).detach()
+    _, real_features = stage.discriminator_loss(real, fake, batch["class_id"], classes)
+    with torch.no_grad():
+        expected_real = stage.judge(stage.discriminator, real, batch["class_id"])
+    for got, expected in zip(real_features, expected_real):
+        for got_map, expected_map in zip(got, expected):
+            assert not got_map.requires_grad and got_map._base is None  # detached copies, not views
+            torch.testing.assert_close(got_map, expected_map)
+    # In train_step: one joint forward (4 items) and one of the fakes (2), even with feature matching on.
+    calls = []
+    stage.discriminator.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    losses = stage.train_step([batch])
+    assert "g/feature_matching" in losses and calls == [4, 2]
+
+
+def test_generator_terms_match_the_joint_forwards_values_and_gradients():
     config = tiny()
     stage = fresh_gan_stage(config)
     stage.discriminator.requires_grad_(False)
@@ -221,7 +244,9 @@ def test_generator_phase_judges_fake_and_real_apart_with_the_joint_forwards_valu
     features, classes = stage.conditioning(batch, "label")
     real = stage.real_latent(batch["audio"])
     fake = stage.generator(features, classes).detach().requires_grad_(True)
-    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    with torch.no_grad():
+        real_features = stage.judge(stage.discriminator, real, batch["class_id"])
+    terms = stage.generator_terms(fake, real, batch["audio"], real_features, classes)
     (terms["adversarial"] + terms["feature_matching"]).backward()
     got = fake.grad.clone()
     fake.grad = None
@@ -233,6 +258,8 @@ def test_generator_phase_judges_fake_and_real_apart_with_the_joint_forwards_valu
     for name, value in expected.items():
         torch.testing.assert_close(terms[name], value)
     torch.testing.assert_close(got, fake.grad)
+    with pytest.raises(ValueError, match="real latents' discriminator outputs"):
+        stage.generator_terms(fake, real, batch["audio"], None, classes)
 
 
 def test_bf16_judge_keeps_feature_maps_in_bf16_and_gives_float32_scores():
@@ -246,13 +273,14 @@ def test_bf16_judge_keeps_feature_maps_in_bf16_and_gives_float32_scores():
     assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in losses.values())
 
 
-def test_generator_phase_skips_the_real_forward_without_feature_matching():
+def test_no_real_features_are_kept_without_feature_matching():
     stage = fresh_gan_stage(tiny("loss.lambda_fm=0"))
-    calls = []
-    stage.discriminator.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-    losses = stage.train_step([synthetic_batch(stage.config)])
-    assert "g/feature_matching" not in losses
-    assert calls == [4, 2]  # D phase: real + fake; G phase: the fakes only
+    batch = synthetic_batch(stage.config)
+    features, classes = stage.conditioning(batch, "label")
+    real = stage.real_latent(batch["audio"])
+    _, real_features = stage.discriminator_loss(real, stage.generator(features, classes), batch["class_id"], classes)
+    assert real_features is None
+    assert "g/feature_matching" not in stage.train_step([batch])
 
 
 def test_class_loss_needs_the_auxiliary_classifier():
@@ -268,7 +296,7 @@ def test_commitment_pulls_the_latent_towards_its_nearest_codes():
     features, classes = stage.conditioning(batch, "label")
     fake = stage.generator(features, classes).detach().requires_grad_(True)
     real = stage.real_latent(batch["audio"])
-    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    terms = stage.generator_terms(fake, real, batch["audio"], None, classes)
     nearest = stage.codec.dequantize(stage.codec.quantize(fake.detach()))
     torch.testing.assert_close(terms["commitment"], (fake.detach() - nearest).abs().mean())
     terms["commitment"].backward()
@@ -285,7 +313,7 @@ def test_audio_terms_and_commitment_share_one_code_search():
     searched = []
     original = stage.codec.quantize
     stage.codec.quantize = lambda latent: searched.append(latent.shape) or original(latent)
-    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    terms = stage.generator_terms(fake, real, batch["audio"], None, classes)
     stage.codec.quantize = original
     assert searched == [fake.shape] and {"wave", "mel", "commitment"} <= set(terms)
     # The same values as each term computed on its own.
@@ -311,7 +339,7 @@ def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32():
     stage.codec.quantize = quantize
     decoder = stage.codec.vqvae.decoders[stage.codec.level]
     decoder.register_forward_hook(lambda module, args, out: seen.update(decoded=out.dtype))
-    terms = stage.generator_terms(fake, real, batch["audio"], batch["class_id"], classes)
+    terms = stage.generator_terms(fake, real, batch["audio"], None, classes)
     assert seen == {"search": (torch.float32, False), "decoded": torch.bfloat16}
     assert terms["wave"].dtype == terms["mel"].dtype == torch.float32
     (terms["wave"] + terms["mel"]).backward()

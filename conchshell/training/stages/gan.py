@@ -6,7 +6,9 @@ generator targets is ever encoded). One step (DESIGN.md section 3):
 
 1. discriminator: hinge loss on the real level latent ``codec.encode(audio)`` and on
    ``fake.detach()``; AdamW step;
-2. generator: ``generator_objective`` over the adversarial hinge loss, feature matching,
+2. generator: ``generator_objective`` over the adversarial hinge loss, feature matching
+   (against the real latent's feature maps from step 1, detached, as in MelGAN's training
+   loop: no second forward of the reals),
    wave and mel L1 of ``quantized_audio(codec, fake)`` against the real clip, the
    released code's latent L1 terms and the optional commitment of the latent to its nearest
    codes; terms whose weight is 0 are not computed.
@@ -190,7 +192,10 @@ class GanStage(Stage):
             outputs = discriminator(latent, classes if self.config.discriminator.class_conditional else None)
         return [[*scale[:-1], scale[-1].float()] for scale in outputs]
 
-    def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor) -> Tensor:
+    def discriminator_loss(self, real: Tensor, fake: Tensor, real_classes: Tensor, fake_classes: Tensor
+                           ) -> tuple[Tensor, list[list[Tensor]] | None]:
+        """(the discriminator's loss, the reals' outputs for feature matching: detached
+        copies, None when its weight is 0)."""
         # Real and fake in one forward: DDP expects one forward per backward.
         outputs = self.judge(self.d, torch.cat([real, fake.detach().to(real.dtype)]),
                              torch.cat([real_classes, fake_classes]))
@@ -198,11 +203,15 @@ class GanStage(Stage):
         loss = discriminator_hinge_loss(real_out, fake_out)
         if self.config.discriminator.auxiliary_classifier:
             loss = loss + F.cross_entropy(self.discriminator.class_logits(real_out), real_classes)
-        return loss
+        # Copies: the real halves as views would keep the fakes' maps alive too.
+        real_features = [[t.detach().clone() for t in scale] for scale in real_out] if self.weights.lambda_fm else None
+        return loss, real_features
 
-    def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor, real_classes: Tensor,
+    def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor, real_features: list[list[Tensor]] | None,
                         fake_classes: Tensor) -> dict[str, Tensor]:
-        """Every generator loss term with a non-zero weight (unweighted)."""
+        """Every generator loss term with a non-zero weight (unweighted). ``real_features``:
+        the discriminator's outputs for ``real`` (from :meth:`discriminator_loss`), needed
+        when feature matching is on."""
         w = self.weights
         terms: dict[str, Tensor] = {}
         if w.lambda_g or w.lambda_fm or w.lambda_class:
@@ -212,11 +221,9 @@ class GanStage(Stage):
             if w.lambda_g:
                 terms["adversarial"] = generator_hinge_loss(fake_out)
             if w.lambda_fm:
-                # Only feature matching reads the real outputs: a forward without a graph
-                # (a joint forward would also back-propagate through the real half).
-                with torch.no_grad():
-                    real_out = self.judge(self.discriminator, real, real_classes)
-                terms["feature_matching"] = feature_matching_loss(real_out, fake_out)
+                if real_features is None:
+                    raise ValueError("feature matching needs the real latents' discriminator outputs")
+                terms["feature_matching"] = feature_matching_loss(real_features, fake_out)
             if w.lambda_class:
                 terms["class"] = F.cross_entropy(self.discriminator.class_logits(fake_out), fake_classes)
         # The nearest codes are searched once, in fp32 (bf16 flips codes), for the audio terms
@@ -250,7 +257,8 @@ class GanStage(Stage):
         # With one micro-batch the fake keeps its graph from the D phase to the G phase (one
         # generator forward per step, as in the paper's code). With several, keeping every
         # graph would defeat accumulation, so the D phase generates without a graph and the
-        # G phase generates again.
+        # G phase generates again. Each micro-batch's real feature maps are kept for the G
+        # phase (Deep: 0.4 GB per item in bf16).
         keep_graph = accum == 1
         prepared = []
         d_total = torch.zeros((), device=self.device)
@@ -262,11 +270,12 @@ class GanStage(Stage):
             with self.autocast(), torch.set_grad_enabled(keep_graph):
                 fake = self.window_latent((self.g if keep_graph else self.generator)(features, class_ids), starts)
             with self.sync_gradients(self.d, index == accum - 1):
-                d_loss = self.discriminator_loss(real, fake, batch["class_id"].long(), class_ids) / accum
+                d_loss, real_features = self.discriminator_loss(real, fake, batch["class_id"].long(), class_ids)
+                d_loss = d_loss / accum
                 d_loss.backward()
             d_total += d_loss.detach()
             prepared.append((self.window_audio(batch["audio"], starts), features, class_ids,
-                             batch["class_id"].long(), real, fake if keep_graph else None, starts))
+                             real_features, real, fake if keep_graph else None, starts))
         self.check_finite({"discriminator": d_total})
         clip_gradients(self.discriminator, self.config.optim.grad_clip)
         self.optimizers["discriminator"].step()
@@ -276,12 +285,12 @@ class GanStage(Stage):
         g_total = torch.zeros((), device=self.device)
         self.discriminator.requires_grad_(False)
         try:
-            for index, (audio, features, class_ids, real_classes, real, fake, starts) in enumerate(prepared):
+            for index, (audio, features, class_ids, real_features, real, fake, starts) in enumerate(prepared):
                 with self.sync_gradients(self.g, index == accum - 1):
                     if fake is None:
                         with self.autocast():
                             fake = self.window_latent(self.g(features, class_ids), starts)
-                    terms = self.generator_terms(fake, real, audio, real_classes, class_ids)
+                    terms = self.generator_terms(fake, real, audio, real_features, class_ids)
                     g_loss = generator_objective(terms, self.weights) / accum
                     # All terms can be gradient-free (wave/mel only, straight_through off:
                     # the released code's behaviour); then there is nothing to back-propagate.
