@@ -87,8 +87,8 @@ class PeakMemory:
     process's resident-set high-water mark (VmHWM) is reset on entry and read on exit;
     ``peak_bytes`` is the rise over the RSS at entry, which includes allocator caching and
     anything other threads touch. Pages handed back are faulted in again inside the block,
-    so do not time what it wraps. Where the reset is not permitted, the lifetime max RSS is reported instead
-    (``kind == "cpu_maxrss"``: an upper bound, not a per-region figure).
+    so do not time what it wraps. Where the reset is not permitted, the lifetime max RSS is
+    reported instead (``kind == "cpu_maxrss"``: an upper bound, not a per-region figure).
     """
 
     def __init__(self, device: torch.device) -> None:

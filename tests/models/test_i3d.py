@@ -83,7 +83,6 @@ def test_same_padding_gives_ceil_output_length():
                 assert 0 <= after - before <= 1
 
 
-
 @pytest.mark.parametrize("kernel, stride, size", [
     ((3, 3, 3), (1, 1, 1), (5, 9, 9)),   # symmetric: the conv pads by itself
     ((1, 1, 1), (1, 1, 1), (5, 9, 9)),   # no padding at all
@@ -112,6 +111,7 @@ def test_max_pool_keeps_input_dtype_under_autocast():
         pooled = pool(x)
     assert pooled.dtype == torch.bfloat16
     assert torch.equal(pooled.float(), pool(x.float()))
+
 
 def test_extract_features_matches_reference(reference_run):
     features, _, _ = reference_run

@@ -46,7 +46,6 @@ def test_group_means_on_a_known_block() -> None:
     assert (even == even[:1, :, :1, :1]).all(), "a constant block gives constant frames"
 
 
-
 def test_group_means_of_a_bf16_channels_last_block() -> None:
     torch.manual_seed(0)
     block = torch.randn(2, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -54,6 +53,7 @@ def test_group_means_of_a_bf16_channels_last_block() -> None:
     assert frame.dtype == torch.bfloat16
     expected = torch.stack([block[:, a:b].float().mean(dim=1) for a, b in channel_groups(16)], dim=1)
     torch.testing.assert_close(frame.float(), expected, rtol=1e-2, atol=1e-2)
+
 
 def test_frames_repeat_block_by_block() -> None:
     # Block i has channels valued 100*i + c, so every frame names its block.

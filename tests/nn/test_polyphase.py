@@ -95,4 +95,5 @@ def test_direct_convolutions_switch_counts_the_models_own_work():
     assert count_macs(conv, x) == direct_macs
     with direct_convolutions():
         torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2))
-    torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2), rtol=1e-5, atol=1e-5)
+    expected = F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)

@@ -204,8 +204,9 @@ class GanStage(Stage):
         if self.config.discriminator.auxiliary_classifier:
             loss = loss + F.cross_entropy(self.discriminator.class_logits(real_out), real_classes)
         # Copies: the real halves as views would keep the fakes' maps alive too.
-        real_features = [[t.detach().clone() for t in scale] for scale in real_out] if self.weights.lambda_fm else None
-        return loss, real_features
+        if not self.weights.lambda_fm:
+            return loss, None
+        return loss, [[t.detach().clone() for t in scale] for scale in real_out]
 
     def generator_terms(self, fake: Tensor, real: Tensor, audio: Tensor, real_features: list[list[Tensor]] | None,
                         fake_classes: Tensor) -> dict[str, Tensor]:
