@@ -1,6 +1,7 @@
 """Freed CPU memory stays in the process: the next large allocation reuses it without page faults."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -86,3 +87,49 @@ def test_release_free_memory_hands_back_kept_pages():
         assert result["released"] is False
     else:
         assert result["released"] is True and result["drop"] > 200 * 1024 * 1024
+
+
+def _load(path: Path, monkeypatch):
+    name = f"entry_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_entry_point_keeps_freed_memory(tmp_path, monkeypatch):
+    """Each command line turns the setting on before its work; each run here then fails
+    fast on a bad argument."""
+    calls = []
+
+    def record():
+        calls.append(True)
+        return True
+
+    monkeypatch.setattr(host_memory, "keep_freed_memory", record)  # train.py imports it late
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    missing = str(tmp_path / "missing")
+    runs = {
+        "train.py": ["--config", tiny, "--out", str(tmp_path / "run"), "train.max_steps=0", "train.device=cpu"],
+        "inference.py": ["--img_path", missing + ".jpg", "--out", str(tmp_path / "out.wav")],
+        "scripts/evaluate.py": ["--generated", missing, "--reference", missing, "--out", str(tmp_path / "eval")],
+        "scripts/extract_features.py": ["--config", tiny, "--out", str(tmp_path / "cache"), "--batch-size", "0"],
+    }
+    for script, argv in runs.items():
+        module = _load(ROOT / script, monkeypatch)
+        if hasattr(module, "keep_freed_memory"):
+            monkeypatch.setattr(module, "keep_freed_memory", record)
+        before = len(calls)
+        assert module.main(argv) != 0, script
+        assert len(calls) == before + 1, f"{script} did not keep freed memory"
+    benchmark = _load(ROOT / "scripts" / "benchmark.py", monkeypatch)
+    monkeypatch.setattr(benchmark, "keep_freed_memory", record)
+    monkeypatch.setattr(benchmark, "measure_ceilings", lambda *args: (_ for _ in ()).throw(_Stop()))
+    with pytest.raises(_Stop):
+        benchmark.main(["--levels", "", "--train-levels", ""])
+    assert len(calls) == len(runs) + 1
