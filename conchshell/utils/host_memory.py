@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -32,7 +33,9 @@ OPT_OUT_VARIABLE = "CONCHSHELL_SYSTEM_MALLOC"
 _applied = False
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
+    # Looked up once: find_library runs ldconfig, and the benchmark asks before every reading.
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.gnu_get_libc_version  # only glibc has it, and only glibc's mallopt means this
