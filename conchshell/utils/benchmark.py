@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conchshell.nn.polyphase import direct_convolutions
+from conchshell.nn.direct import direct_convolutions
 from conchshell.utils.host_memory import release_free_memory
 from conchshell.utils.profile import count_macs
 
@@ -170,7 +170,7 @@ def count_flops(fn: Callable[[], Any], with_grad: bool = False) -> tuple[int, An
     counts a call that needs autograd (a training step, backward convs included), which
     count_macs cannot since it runs under ``no_grad``; its convolution backward uses
     :func:`conv_backward_flops` (groups handled). Both count phase-split convolutions as the
-    plain ones (:func:`conchshell.nn.polyphase.direct_convolutions`).
+    plain ones (:func:`conchshell.nn.direct.direct_convolutions`).
     """
     if not with_grad:
         box: list[Any] = []

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conchshell.nn.polyphase import direct_convolutions
+from conchshell.nn.direct import direct_convolutions
 
 
 def count_params(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> int:

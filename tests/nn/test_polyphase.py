@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conchshell.nn.layers import WNConv1d
-from conchshell.nn.polyphase import PolyphaseConv1d, direct_convolutions, polyphase_conv1d
+from conchshell.nn.direct import direct_convolutions
+from conchshell.nn.polyphase import PolyphaseConv1d, _split, _weight_grad_form, polyphase_conv1d
 from conchshell.utils.profile import count_macs
 
 
@@ -65,7 +66,7 @@ def test_module_rejects_padding_it_cannot_phase_split():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group_outputs", [4, 16])  # below and at the float32 weight-gradient threshold
+@pytest.mark.parametrize("group_outputs", [4, 8, 16])  # channels-last, float32 and direct weight gradients
 def test_autocast_gradients_match_the_direct_convolution(dtype, group_outputs):
     torch.manual_seed(0)
     groups = 4
@@ -97,3 +98,25 @@ def test_direct_convolutions_switch_counts_the_models_own_work():
         torch.testing.assert_close(conv(x), F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2))
     expected = F.conv1d(x, conv.weight, conv.bias, 4, 20, groups=2)
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_group_width_takes_its_measured_weight_gradient_form():
+    assert [_weight_grad_form(torch.bfloat16, n) for n in (4, 7, 8, 15, 16)] == [
+        "channels_last", "channels_last", "float32", "float32", "direct"]
+    assert _weight_grad_form(torch.float32, 4) == "direct"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("stride, padding, length, frames", [
+    (4, 20, 1000, 260),   # whole frames: 4 bf16 phases move as one int64
+    (4, 20, 1003, 261),   # a partial last frame
+    (4, 2, 64, 20),       # padding not a whole frame: the int64 view does not apply
+    (3, 4, 30, 14),
+    (4, 20, 8, 12),       # shorter than the padding: no interior frame
+])
+def test_channels_last_split_holds_the_same_phases(dtype, stride, padding, length, frames):
+    x = torch.randn(2, 3, length).to(dtype)
+    expected = _split(x, stride, padding, frames, dtype)
+    last = _split(x, stride, padding, frames, dtype, channels_last=True)
+    assert last.shape == expected.shape and last.transpose(1, 2).is_contiguous()
+    assert torch.equal(last, expected)
