@@ -10,11 +10,11 @@ into a stride-1 convolution with ``s`` times the input channels per group and
 The discriminator's strided layers (k41 s4, 4 input channels per group) are where this
 pays: oneDNN runs such narrow groups far below the matmul rate and the phase-split form
 (16 channels per group, 11 taps) much faster. :func:`polyphase_conv1d` is one autograd
-function: the split and its inverse are one strided copy each way (written by hand: as
+function: the split and its inverse are one copy each way (written by hand: as
 pad + reshape + transpose, autograd made four copies), and where oneDNN's bf16
-weight-gradient kernel is slow (fewer than 16 output channels per group, the two widest
-layers: 1040 ms vs 186 ms in float32 for the 512->1024 layer at batch 4) the weight
-gradient is computed in float32. CUDA keeps the direct convolution: not measured there.
+weight-gradient kernel is slow (fewer than 16 output channels per group: the two widest
+layers) adjacent groups are computed as one and the gradient's diagonal blocks kept
+(:func:`_weight_grad_groups`). CUDA keeps the direct convolution: not measured there.
 Measured on 2 CPU cores, batch 4 (the discriminator's real + fake batch), bf16, forward +
 backward per layer, direct -> phase split: 32->128 1832 -> 647 ms, 128->512 1769 -> 562 ms,
 512->1024 1365 -> 1079 ms, 1024->1024 569 -> 473 ms (before the hand-written function).
@@ -33,14 +33,9 @@ from torch import Tensor, nn
 
 from conchshell.nn.direct import rewritten_forms_allowed
 
-# Weight-gradient kernel by output channels per group under bf16 (oneDNN, 2 CPU cores, the
-# Deep discriminator's real + fake batch of 4). At 16 or more, bf16 on the phases as they
-# are. Below 16 that kernel is several times slower than float32 (512->1024 layer, 8 per
-# group: 1062 vs 241 ms), so 8 to 15 use float32. Below 8, bf16 on channels-last copies of
-# the phases and the output gradient is faster still (1024->1024 layer, 4 per group: 410 ms
-# in float32, 14 + 11 + 111 ms for the two copies and the kernel).
+# oneDNN's bf16 weight gradient of a grouped convolution is several times slower below this
+# many output channels per group (see :func:`_weight_grad_groups`).
 BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS = 16
-CHANNELS_LAST_WEIGHT_GRAD_MAX_GROUP_OUTPUTS = 7
 
 
 def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[tuple[int, int, bool]]:
@@ -53,44 +48,22 @@ def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[
     return [region for region in regions if region[1] > region[0]]
 
 
-def _copy_frames(destination: Tensor, source: Tensor) -> None:
-    """``destination[...] = source`` for ``[B, C, frames, stride]`` views whose last dimension
-    is contiguous in both: then each 8-byte frame (4 bf16 phases) moves as one int64, about
-    5x faster than a copy that transposes 2-byte elements."""
-    if (destination.dtype == source.dtype and destination.shape[-1] * destination.element_size() == 8
-            and destination.stride(-1) == 1 and source.stride(-1) == 1):
-        try:
-            destination.view(torch.int64).copy_(source.view(torch.int64))
-            return
-        except RuntimeError:  # a view at an offset or stride that is not a whole int64
-            pass
-    destination.copy_(source)
-
-
-def _split(x: Tensor, stride: int, padding: int, frames: int, dtype: torch.dtype,
-           channels_last: bool = False) -> Tensor:
-    """``[B, C, L]`` -> zero-padded phases ``[B, C*stride, frames]`` in ``dtype``; with
-    ``channels_last`` the same values as a view of a ``[B, frames, C*stride]`` tensor."""
+def _split(x: Tensor, stride: int, padding: int, frames: int, dtype: torch.dtype) -> Tensor:
+    """``[B, C, L]`` -> zero-padded phases ``[B, C*stride, frames]`` in ``dtype``."""
     batch, channels, length = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if channels_last:
-        phases = x.new_empty((batch, frames, channels, stride), dtype=dtype)
-        by_frame = phases.permute(0, 2, 1, 3)
-    else:
-        phases = x.new_empty((batch, channels, stride, frames), dtype=dtype)
-        by_frame = phases.permute(0, 1, 3, 2)
+    phases = x.new_empty((batch, channels, stride, frames), dtype=dtype)
+    by_frame = phases.permute(0, 1, 3, 2)
     for first, end, interior in _frame_regions(length, stride, padding, frames):
         low, high = stride * first - padding, stride * end - padding
-        if interior:
-            _copy_frames(by_frame[:, :, first:end], x[:, :, low:high].view(batch, channels, end - first, stride))
+        if interior:  # one transposing copy (per phase: 4 strided passes, 10-40 % slower)
+            by_frame[:, :, first:end] = x[:, :, low:high].view(batch, channels, end - first, stride)
             continue
         segment = x.new_zeros((batch, channels, high - low), dtype=dtype)
         inside_low, inside_high = max(low, 0), min(high, length)
         if inside_high > inside_low:
             segment[:, :, inside_low - low:inside_high - low] = x[:, :, inside_low:inside_high]
         by_frame[:, :, first:end] = segment.view(batch, channels, end - first, stride)
-    if channels_last:
-        return phases.view(batch, frames, channels * stride).transpose(1, 2)
     return phases.view(batch, channels * stride, frames)
 
 
@@ -129,12 +102,33 @@ def _merge_weight(grad: Tensor, stride: int, kernel: int) -> Tensor:
     return grad.reshape(out_channels, split_channels // stride, taps * stride)[..., :kernel]
 
 
-def _weight_grad_form(dtype: torch.dtype, group_outputs: int) -> str:
-    """How the weight gradient is computed: ``"direct"``, ``"float32"`` or ``"channels_last"``
-    (see :data:`BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS`)."""
-    if dtype != torch.bfloat16 or group_outputs >= BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS:
-        return "direct"
-    return "channels_last" if group_outputs <= CHANNELS_LAST_WEIGHT_GRAD_MAX_GROUP_OUTPUTS else "float32"
+def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> int:
+    """Groups to compute the weight gradient with. Below
+    :data:`BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS` outputs per group, oneDNN's bf16 kernel is
+    several times slower than with fewer, wider groups, even counting the wasted products:
+    so adjacent groups are computed as one (the gradient's block diagonal is the layer's),
+    the fewest that reach the threshold. Deep batch of 4, 2 CPU cores: 512->1024 (8 per
+    group) 888 ms, as pairs 175 ms (float32: 241 ms plus casts); 1024->1024 (4 per group)
+    671 ms, in fours 148 ms (float32: 410 ms)."""
+    if dtype != torch.bfloat16:
+        return groups
+    combined = 1
+    while combined < groups and (group_outputs * combined < BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS
+                                 or groups % combined):
+        combined += 1
+    return groups // combined
+
+
+def _block_diagonal(grad: Tensor, groups: int, combined_groups: int) -> Tensor:
+    """The weight gradient of ``groups`` groups from one computed with ``combined_groups``
+    (each covering ``groups // combined_groups`` adjacent groups): its diagonal blocks."""
+    if combined_groups == groups:
+        return grad
+    out_channels, wide_inputs, taps = grad.shape
+    per = groups // combined_groups
+    blocks = grad.view(combined_groups, per, out_channels // groups, per, wide_inputs // per, taps)
+    diagonal = torch.diagonal(blocks, dim1=1, dim2=3)  # [G', O/g, C/g, taps, per]
+    return diagonal.permute(0, 4, 1, 2, 3).reshape(out_channels, wide_inputs // per, taps)
 
 
 class _PolyphaseConv1d(torch.autograd.Function):
@@ -148,44 +142,32 @@ class _PolyphaseConv1d(torch.autograd.Function):
         split_weight = _split_weight(weight, stride).to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             out = F.conv1d(phases, split_weight, None if bias is None else bias.to(dtype), groups=groups)
-        form = _weight_grad_form(dtype, weight.shape[0] // groups)
-        # The channels-last weight gradient splits the input again in its own layout, so the
-        # input (kept alive by the layer before anyway) is saved instead of the phases.
-        ctx.save_for_backward(x if form == "channels_last" else phases, split_weight)
-        ctx.config = (length, kernel, stride, padding, groups, frames, form, x.dtype, weight.dtype,
-                      bias is not None)
+        ctx.save_for_backward(phases, split_weight)
+        ctx.config = (length, kernel, stride, padding, groups, x.dtype, weight.dtype, bias is not None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        saved_input, split_weight = ctx.saved_tensors
-        length, kernel, stride, padding, groups, frames, form, x_dtype, weight_dtype, has_bias = ctx.config
+        phases, split_weight = ctx.saved_tensors
+        length, kernel, stride, padding, groups, x_dtype, weight_dtype, has_bias = ctx.config
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_out = grad_out.to(split_weight.dtype)
+        grad_out = grad_out.to(phases.dtype)
 
-        def convolution_backward(out: Tensor, inputs: Tensor, weight: Tensor, mask: list[bool]) -> tuple:
-            dims = inputs.dim() - 2
-            return torch.ops.aten.convolution_backward(out, inputs, weight, None, [1] * dims, [0] * dims,
-                                                       [1] * dims, False, [0] * dims, groups, mask)
+        def convolution_backward(weight: Tensor, weight_groups: int, mask: list[bool]) -> tuple:
+            return torch.ops.aten.convolution_backward(grad_out, phases, weight, None, [1], [0], [1], False,
+                                                       [0], weight_groups, mask)
 
         grad_x = grad_weight = grad_bias = None
         if need_x:
-            # The input gradient reads only the input's shape, not its values.
-            phases = saved_input if form != "channels_last" else grad_out.new_empty(
-                (grad_out.shape[0], split_weight.shape[1] * groups, frames))
-            grad_phases = convolution_backward(grad_out, phases, split_weight, [True, False, False])[0]
+            grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
             grad_x = _merge(grad_phases, length, stride, padding, x_dtype)
         if need_weight:
-            if form == "channels_last":
-                phases = _split(saved_input, stride, padding, frames, split_weight.dtype, channels_last=True)
-                grad_last = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
-                split_grad = convolution_backward(grad_last.unsqueeze(2), phases.unsqueeze(2),
-                                                  split_weight.unsqueeze(2), [False, True, False])[1].squeeze(2)
-            elif form == "float32":
-                split_grad = convolution_backward(grad_out.float(), saved_input.float(), split_weight.float(),
-                                                  [False, True, False])[1]
-            else:
-                split_grad = convolution_backward(grad_out, saved_input, split_weight, [False, True, False])[1]
+            out_channels, group_inputs, taps = split_weight.shape
+            wide = _weight_grad_groups(phases.dtype, groups, out_channels // groups)
+            # Only the shape of the weight is read.
+            shape_only = split_weight.new_empty((out_channels, group_inputs * groups // wide, taps))
+            split_grad = _block_diagonal(convolution_backward(shape_only, wide, [False, True, False])[1],
+                                         groups, wide)
             grad_weight = _merge_weight(split_grad, stride, kernel).to(weight_dtype)
         if need_bias and has_bias:
             accumulate = torch.promote_types(grad_out.dtype, torch.float32)

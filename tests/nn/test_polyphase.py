@@ -8,7 +8,7 @@ from torch import nn
 
 from conchshell.nn.layers import WNConv1d
 from conchshell.nn.direct import direct_convolutions
-from conchshell.nn.polyphase import PolyphaseConv1d, _split, _weight_grad_form, polyphase_conv1d
+from conchshell.nn.polyphase import PolyphaseConv1d, _weight_grad_groups, polyphase_conv1d
 from conchshell.utils.profile import count_macs
 
 
@@ -66,7 +66,7 @@ def test_module_rejects_padding_it_cannot_phase_split():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group_outputs", [4, 8, 16])  # channels-last, float32 and direct weight gradients
+@pytest.mark.parametrize("group_outputs", [4, 8, 16])  # gradients of 4, 2 and 1 groups at once
 def test_autocast_gradients_match_the_direct_convolution(dtype, group_outputs):
     torch.manual_seed(0)
     groups = 4
@@ -100,23 +100,11 @@ def test_direct_convolutions_switch_counts_the_models_own_work():
     torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_each_group_width_takes_its_measured_weight_gradient_form():
-    assert [_weight_grad_form(torch.bfloat16, n) for n in (4, 7, 8, 15, 16)] == [
-        "channels_last", "channels_last", "float32", "float32", "direct"]
-    assert _weight_grad_form(torch.float32, 4) == "direct"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stride, padding, length, frames", [
-    (4, 20, 1000, 260),   # whole frames: 4 bf16 phases move as one int64
-    (4, 20, 1003, 261),   # a partial last frame
-    (4, 2, 64, 20),       # padding not a whole frame: the int64 view does not apply
-    (3, 4, 30, 14),
-    (4, 20, 8, 12),       # shorter than the padding: no interior frame
-])
-def test_channels_last_split_holds_the_same_phases(dtype, stride, padding, length, frames):
-    x = torch.randn(2, 3, length).to(dtype)
-    expected = _split(x, stride, padding, frames, dtype)
-    last = _split(x, stride, padding, frames, dtype, channels_last=True)
-    assert last.shape == expected.shape and last.transpose(1, 2).is_contiguous()
-    assert torch.equal(last, expected)
+def test_narrow_groups_take_their_weight_gradient_together():
+    assert _weight_grad_groups(torch.bfloat16, 256, 4) == 64      # 1024->1024: fours
+    assert _weight_grad_groups(torch.bfloat16, 128, 8) == 64      # 512->1024: pairs
+    assert _weight_grad_groups(torch.bfloat16, 32, 16) == 32      # wide enough already
+    assert _weight_grad_groups(torch.bfloat16, 10, 5) == 2        # 4 does not divide 10: fives
+    assert _weight_grad_groups(torch.bfloat16, 2, 1) == 1         # at most all groups as one
+    assert _weight_grad_groups(torch.bfloat16, 3, 4) == 1
+    assert _weight_grad_groups(torch.float32, 256, 4) == 256
