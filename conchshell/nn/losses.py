@@ -55,16 +55,20 @@ def feature_matching_weight(num_scales: int, num_downsampling_layers: int = 4) -
 
 
 class _MeanAbsoluteDifference(torch.autograd.Function):
-    """``mean(|a - b|)`` for a constant ``b``, in ``a``'s dtype (the sum accumulates in
-    float32). Its gradient ``sign(a - b) / N`` takes two passes over ``a``; autograd's
+    """``mean(|a - b|)`` for a constant ``b``, as float32, the differences taken in ``a``'s
+    dtype. Its gradient ``sign(a - b) / N`` takes two passes over ``a``; autograd's
     ``(a - b).abs().mean()`` takes five, for bf16 maps with a float32 copy of each (the
-    Deep generator step's feature matching: 18 maps of up to 65M values)."""
+    Deep generator step's feature matching: 18 maps of up to 65M values).
+
+    Each row of the last dimension is summed in the maps' dtype (bf16 rounds each row sum:
+    about 2e-4 of a Deep map's total), the rows in float32. ``torch.linalg.vector_norm(d, 1)``
+    was 7 % low on a 65M-value bf16 map, and a float32 sum of the whole map is 2.5x slower."""
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:
         difference = a - b
         ctx.save_for_backward(difference)
-        return torch.linalg.vector_norm(difference, 1) / difference.numel()
+        return difference.abs().sum(dim=-1).float().sum() / difference.numel()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -77,7 +81,7 @@ def mean_absolute_difference(a: Tensor, b: Tensor) -> Tensor:
     treated as a constant)."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
-    return _MeanAbsoluteDifference.apply(a, b.detach()).float()
+    return _MeanAbsoluteDifference.apply(a, b.detach())
 
 
 def feature_matching_loss(real_outputs: DiscriminatorOutputs, fake_outputs: DiscriminatorOutputs,

@@ -115,6 +115,15 @@ def test_mean_absolute_difference_is_l1_loss_with_its_gradient():
         mean_absolute_difference(a, b[:1])
 
 
+def test_mean_absolute_difference_stays_accurate_on_a_long_bf16_map():
+    # 26M values: a float32 running sum (as torch.linalg.vector_norm's was) drifts by percents.
+    torch.manual_seed(0)
+    a = torch.randn(2, 64, 200_000).bfloat16()
+    b = torch.randn(2, 64, 200_000).bfloat16()
+    expected = (a.double() - b.double()).abs().mean()
+    assert float(mean_absolute_difference(a, b)) == pytest.approx(float(expected), rel=1e-3)
+
+
 def test_feature_matching_rejects_too_few_feature_maps():
     real = outputs_with_scores(0.0)
     fake = outputs_with_scores(0.0)
