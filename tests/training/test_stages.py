@@ -347,6 +347,22 @@ def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32():
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
+def test_bf16_training_encodes_the_real_latent_in_bf16_unless_a_latent_term_reads_it():
+    stage = fresh_gan_stage(tiny("train.precision=bf16"))
+    batch = synthetic_batch(stage.config)
+    seen = []
+    encoder = stage.codec.vqvae.encoders[stage.codec.level]
+    encoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    assert stage.real_latent_at_run_precision()
+    assert stage.real_latent(batch["audio"], at_run_precision=True).dtype == torch.float32
+    assert stage.real_latent(batch["audio"]).dtype == torch.float32
+    assert seen == [torch.bfloat16, torch.float32]
+    stage.train_step([batch])
+    assert seen[-1] == torch.bfloat16
+    for term in ("loss.lambda_latent=1", "loss.lambda_quantized_latent=1"):
+        assert not fresh_gan_stage(tiny("train.precision=bf16", term)).real_latent_at_run_precision()
+
+
 def test_prepare_sets_the_standardisation_from_training_features_only_when_asked():
     config = tiny("generator.standardize_features=true")
     stage = fresh_gan_stage(config)

@@ -178,10 +178,20 @@ class GanStage(Stage):
         return features, batch["class_id"].long() if class_source == "label" else predicted
 
     @torch.no_grad()
-    def real_latent(self, audio: Tensor) -> Tensor:
-        # The frozen codec runs in float32: bf16 would move latents across codebook cells.
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            return self.codec.encode(audio.float())
+    def real_latent(self, audio: Tensor, at_run_precision: bool = False) -> Tensor:
+        """The frozen codec's continuous latent of ``audio`` (float32). Encoded in float32
+        unless ``at_run_precision``: under bf16 the latent moves by about 1 % (seeded Deep
+        codec: 1.1 % relative, 1.9 % of frames to another code) and the encode takes 0.40
+        instead of 0.66 s (Deep, batch 2, 2 CPU cores)."""
+        precision = self.autocast() if at_run_precision else torch.autocast(self.device.type, enabled=False)
+        with precision:
+            return self.codec.encode(audio.float()).float()
+
+    def real_latent_at_run_precision(self) -> bool:
+        """Whether the training step may encode at the run's precision: when the real latent
+        only feeds the discriminator, whose first layer rounds it to the run's dtype anyway.
+        The latent terms read it (or its codes) directly and keep it in float32."""
+        return not (self.weights.lambda_latent or self.weights.lambda_quantized_latent)
 
     # ------------------------------------------------------------------ losses
     def judge(self, discriminator: torch.nn.Module, latent: Tensor, classes: Tensor) -> list[list[Tensor]]:
@@ -267,7 +277,7 @@ class GanStage(Stage):
             batch = to_device(batch, self.device)
             features, class_ids = self.conditioning(batch, self.config.image.train_class_source)
             starts = self.draw_windows(batch["audio"].shape[0])
-            real = self.window_latent(self.real_latent(batch["audio"]), starts)
+            real = self.window_latent(self.real_latent(batch["audio"], self.real_latent_at_run_precision()), starts)
             with self.autocast(), torch.set_grad_enabled(keep_graph):
                 fake = self.window_latent((self.g if keep_graph else self.generator)(features, class_ids), starts)
             with self.sync_gradients(self.d, index == accum - 1):
