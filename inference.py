@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-from conchshell.constants import CLASS_NAMES, PRECISIONS
+from conchshell.constants import CLASS_NAMES, INFERENCE_PRECISIONS
 from conchshell.data.manifest import IMAGE_EXTENSIONS
 from conchshell.errors import ConchShellError
 from conchshell.utils.host_memory import keep_freed_memory
@@ -100,10 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spectrogram", action=argparse.BooleanOptionalAction, default=None,
                         help="also save <wav name>.png, a log-mel picture (default: on only without --img_path)")
     parser.add_argument("--seed", type=int, default=0, help="seed for torch/numpy/python (default 0)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="fp32 (default) or bf16 autocast for the image networks, the generator and "
-                             "the decoder (the code search stays fp32): faster, audio close to but not "
-                             "bit-equal with fp32")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
+                        help="fp32 (default); bf16: autocast for the image networks, the generator and "
+                             "the decoder (the code search stays fp32), fastest, but the generator's "
+                             "rounding moves some frames to another code; mixed: bf16 except the "
+                             "generator, audio much closer to fp32 (README, Performance)")
     args = parser.parse_args(argv)
     if args.crossfade < 0:
         parser.error("--crossfade must be >= 0")

@@ -215,6 +215,25 @@ def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSp
     }
 
 
+def mixed_row(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
+    """The chain of ``--precision mixed``, from components measured in this run: the bf16
+    row's, with the fp32 row's generator."""
+    components = {name: {**c, "precision": "bf16"} for name, c in bf16["components"].items()}
+    components["generator"] = {**fp32["components"]["generator"], "precision": "fp32"}
+    components["quantise"]["precision"] = "fp32"
+    return {**bf16, "precision": "mixed", "components": components}
+
+
+def mixed_precision_audio(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
+                          class_ids: torch.Tensor, num_samples: int, device: torch.device) -> torch.Tensor:
+    """``--precision mixed``'s audio: the fp32 ``generator`` on the bf16 frontend's features,
+    decoded under bf16."""
+    with torch.inference_mode():
+        codes = codec.quantize(generator(features.float(), class_ids).float())
+        with autocast_for(device, "bf16"):
+            return codec.decode(codes, num_samples)
+
+
 def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     comparisons: list[dict[str, Any]] = []
@@ -260,8 +279,14 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 audio_by_precision[precision] = audio
                 print_progress(f"{level} b{batch} {precision}", components)
             if {"fp32", "bf16"} <= set(audio_by_precision):
-                comparisons.append({"level": level, "batch_size": batch,
-                                    **audio_difference(audio_by_precision["fp32"], audio_by_precision["bf16"], mel)})
+                by_precision = {row["precision"]: row for row in rows[-2:]}
+                rows.append(mixed_row(by_precision["bf16"], by_precision["fp32"]))
+                _, features, class_ids = frontend_results[(image_key, batch, "bf16")]
+                mixed_audio = mixed_precision_audio(generators["fp32"], codec, features, class_ids,
+                                                    config.clip_samples, device)
+                for precision, audio in (("bf16", audio_by_precision["bf16"]), ("mixed", mixed_audio)):
+                    comparisons.append({"level": level, "batch_size": batch, "precision": precision,
+                                        **audio_difference(audio_by_precision["fp32"], audio, mel)})
         del generators, codec
     return {"inference": rows, "bf16_vs_fp32_audio": comparisons}
 
@@ -408,9 +433,11 @@ def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any
     x_flop_bound is time / (FLOPs / bf16 matmul rate), the issue's target measure.
     """
     for row in inference:
-        ceiling = rates[row["precision"]]
+        # A mixed chain's total is compared with the bf16 ceiling, each component with its own.
+        ceiling = rates["bf16" if row["precision"] == "mixed" else row["precision"]]
         for component in row["components"].values():
-            component["ceiling_fraction"] = component["flops_per_s"] / ceiling
+            own = rates[component.get("precision", row["precision"])]
+            component["ceiling_fraction"] = component["flops_per_s"] / own
         row["total"] = chain_summary(row["components"], row["batch_size"], row["clip_seconds"],
                                      ceiling, rates["bf16"])
     for row in fitting_rows(training):
@@ -442,7 +469,7 @@ def _ms(seconds: float) -> str:
 
 
 def print_inference_row(row: dict[str, Any]) -> None:
-    head = f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:4}"
+    head = f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:5}"
     for name, c in row["components"].items():
         shared = "*" if c.get("shared") else " "
         print(f"{head} {name:19}{shared}{_ms(c['median_s'])} [{_ms(c['min_s']).strip()}-{_ms(c['max_s']).strip()}]"
@@ -480,9 +507,9 @@ def print_report(report: dict[str, Any]) -> None:
         for row in report["inference"]:
             print_inference_row(row)
     if report["bf16_vs_fp32_audio"]:
-        print("\n## bf16 vs fp32 audio")
+        print("\n## bf16 and mixed (bf16, fp32 generator) vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
-            print(f"{c['level']:5} b{c['batch_size']:<2} max|diff| {c['max_abs_diff']:.4g} "
+            print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:5} max|diff| {c['max_abs_diff']:.4g} "
                   f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
                   f"SNR {'inf' if c['snr_db'] is None else format(c['snr_db'], '.1f')} dB")
     if report["training"]:
@@ -542,7 +569,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=_csv(int), default=None,
                         help="training batch sizes, e.g. 2,4,8,16 on a GPU: tried in order until one "
                              "does not fit in memory; the fastest is marked (default: the config's)")
-    parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 3: the median of a noisy machine)")
     parser.add_argument("--train-warmup", type=int, default=None,
                         help="untimed steps after the FLOP-counting step (default 1, 0 with --quick: the "
                              "allocator settles over the first steps)")
@@ -560,7 +587,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     args.repeats = default(args.repeats, 3, 1)
     args.warmup = default(args.warmup, 1, 0)
-    args.train_repeats = default(args.train_repeats, 2, 1)
+    args.train_repeats = default(args.train_repeats, 3, 1)
     args.train_warmup = default(args.train_warmup, 1, 0)
     if args.repeats < 1 or args.train_repeats < 1 or min(args.warmup, args.train_warmup) < 0 \
             or min(args.batch_sizes) < 1 or min(args.train_batch or [1]) < 1:

@@ -233,10 +233,12 @@ def untrained_twin(model: Any, seed: int) -> Any:
 
     from conchshell.inference import ImageToMusic
     from conchshell.models.generator import build_generator, freeze_for_inference
+    from conchshell.utils.precision import generator_precision
 
     torch.manual_seed(seed)
     # hparams is the export's generator_hparams as rebuilt by load_generator_export.
-    generator = freeze_for_inference(build_generator(**model.generator.hparams), model.precision)
+    generator = freeze_for_inference(build_generator(**model.generator.hparams),
+                                     generator_precision(model.precision))
     meta = {"checkpoint": f"the untrained generator (architecture of {model.meta.get('checkpoint')}, seed {seed})"}
     return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels,
                         model.precision)

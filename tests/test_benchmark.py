@@ -17,7 +17,6 @@ from conchshell.utils.benchmark import (
     matmul_ceiling,
     time_call,
 )
-from conchshell.utils.precision import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -92,16 +91,6 @@ def test_count_flops_charges_grouped_conv_backward_one_forward_per_gradient(grou
     frozen_input = x.detach()
     step, _ = count_flops(lambda: conv(frozen_input).sum().backward(), with_grad=True)
     assert step == 2 * forward
-
-
-def test_autocast_for_switches_matmul_dtype_only_for_bf16():
-    x = torch.randn(4, 4)
-    with autocast_for(CPU, "bf16"):
-        assert (x @ x).dtype == torch.bfloat16
-    with autocast_for(CPU, "fp32"):
-        assert (x @ x).dtype == torch.float32
-    with pytest.raises(ValueError):
-        autocast_for(CPU, "fp16")
 
 
 def test_matmul_ceiling_reports_a_positive_rate():
@@ -200,3 +189,38 @@ def test_each_precision_gets_a_generator_with_the_same_seeded_weights():
     torch.randn(10)
     second = script.seeded_generator(config).state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_mixed_chain_takes_the_fp32_rows_generator_and_its_own_ceiling_per_component():
+    script = load_script()
+
+    def row(precision, seconds):
+        component = {"median_s": seconds, "flops": 1e9, "flops_per_s": 1e9 / seconds, "peak_memory_bytes": 0}
+        return {"level": "tiny", "batch_size": 1, "precision": precision, "clip_seconds": 0.5,
+                "components": {name: dict(component) for name in script.COMPONENTS}}
+
+    bf16, fp32 = row("bf16", 0.1), row("fp32", 0.3)
+    mixed = script.mixed_row(bf16, fp32)
+    assert mixed["precision"] == "mixed" and bf16["precision"] == "bf16"
+    assert mixed["components"]["generator"]["median_s"] == 0.3
+    assert mixed["components"]["decode"]["median_s"] == 0.1
+    script.apply_ceilings([mixed], [], {"fp32": 2e10, "bf16": 4e10})
+    assert mixed["components"]["generator"]["ceiling_fraction"] == pytest.approx(1e9 / 0.3 / 2e10)
+    assert mixed["components"]["decode"]["ceiling_fraction"] == pytest.approx(1e9 / 0.1 / 4e10)
+    assert mixed["total"]["seconds"] == pytest.approx(0.3 + 5 * 0.1)
+
+
+@pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
+def test_mixed_audio_is_what_inference_generates_with_mixed_precision():
+    from conchshell.inference import ImageToMusic
+    from conchshell.models.generator import freeze_for_inference
+
+    script = load_script()
+    config = script.offline_config("tiny")
+    generator = freeze_for_inference(script.seeded_generator(config), "fp32")
+    codec = script.build_quietly(script.build_codec, config).eval()
+    model = ImageToMusic(generator, script.build_frontend(config), codec, config, "cpu", precision="mixed")
+    features, class_ids = torch.rand(2, 2048), torch.tensor([0, 3])
+    audio = script.mixed_precision_audio(generator, codec, features, class_ids, config.clip_samples, CPU)
+    expected, _, _ = model.generate_from_features(features, class_ids)
+    torch.testing.assert_close(audio[:, 0].float().clamp(-1, 1), expected)

@@ -87,9 +87,10 @@ def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path
         assert model.prepare(pil.copy()).equal(model.prepare(image))
 
 
-def test_bf16_runs_image_networks_generator_and_decoder_in_bf16_and_the_code_search_in_fp32(
-        model, tiny_config, tmp_path):
-    fast = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
+@pytest.mark.parametrize("precision, generator_dtype", [("bf16", torch.bfloat16), ("mixed", torch.float32)])
+def test_bf16_and_mixed_run_the_image_networks_and_decoder_in_bf16_and_the_code_search_in_fp32(
+        model, tiny_config, tmp_path, precision, generator_dtype):
+    fast = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision=precision)
     seen = {}
 
     def recorder(name):
@@ -98,7 +99,9 @@ def test_bf16_runs_image_networks_generator_and_decoder_in_bf16_and_the_code_sea
         return record
 
     hooks = [model.generator.register_forward_hook(recorder("generator")),
-             model.codec.vqvae.decoders[model.codec.level].out.register_forward_hook(recorder("decoder"))]
+             model.codec.vqvae.decoders[model.codec.level].out.register_forward_hook(recorder("decoder")),
+             model.frontend.register_forward_hook(
+                 lambda module, args, out: seen.update(frontend_autocast=torch.is_autocast_enabled("cpu")))]
     original = model.codec.quantize
 
     def quantize(latent):
@@ -112,11 +115,13 @@ def test_bf16_runs_image_networks_generator_and_decoder_in_bf16_and_the_code_sea
         for hook in hooks:
             hook.remove()
         del model.codec.quantize
-    assert seen == {"generator": torch.bfloat16, "quantize": torch.float32, "decoder": torch.bfloat16}
+    assert seen == {"generator": generator_dtype, "quantize": torch.float32, "decoder": torch.bfloat16,
+                    "frontend_autocast": True}
     assert waveform.dtype == np.float32 and waveform.shape == (tiny_config.clip_samples,) and np.isfinite(waveform).all()
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
         ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="fp16")
-    assert cli.parse_args(["--precision", "bf16"]).precision == "bf16" and cli.parse_args([]).precision == "fp32"
+    assert cli.parse_args(["--precision", precision]).precision == precision
+    assert cli.parse_args([]).precision == "fp32"
 
 
 def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_same_audio(model, export, tmp_path):
@@ -131,6 +136,12 @@ def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_sa
     autocast_only = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
     image = make_image(tmp_path / "sea.png")
     assert np.array_equal(loaded.generate(image)[0], autocast_only.generate(image)[0])
+    # "mixed" keeps the generator it freezes in fp32.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mixed = ImageToMusic.from_checkpoint(export, device="cpu", precision="mixed")
+    assert all(m.weight.dtype == torch.float32 for m in mixed.generator.modules()
+               if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)))
 
 
 def test_class_override_reaches_generator_and_prediction_is_kept(model, tmp_path):

@@ -5,15 +5,27 @@ import contextlib
 
 import torch
 
-from conchshell.constants import PRECISIONS
+from conchshell.constants import INFERENCE_PRECISIONS, PRECISIONS
 from conchshell.errors import ConfigError
 
 
-def check_precision(precision: str, setting: str) -> None:
-    """ConfigError unless ``precision`` (the value of ``setting``) is one we offer."""
-    if precision not in PRECISIONS:
+def check_precision(precision: str, setting: str, allowed: tuple[str, ...] = PRECISIONS) -> None:
+    """ConfigError unless ``precision`` (the value of ``setting``) is one of ``allowed``."""
+    if precision not in allowed:
         raise ConfigError(f"unknown precision {precision!r} for {setting}; expected one of "
-                          f"{', '.join(PRECISIONS)} (fp16 is not offered: it is ~70x slower than fp32 on CPU)")
+                          f"{', '.join(allowed)} (fp16 is not offered: it is ~70x slower than fp32 on CPU)")
+
+
+def generator_precision(precision: str) -> str:
+    """The generator's share of an inference precision (``mixed`` keeps it in fp32)."""
+    check_precision(precision, "generation", INFERENCE_PRECISIONS)
+    return "fp32" if precision == "mixed" else precision
+
+
+def frozen_networks_precision(precision: str) -> str:
+    """The image networks' and the decoder's share of an inference precision (bf16 in ``mixed``)."""
+    check_precision(precision, "generation", INFERENCE_PRECISIONS)
+    return "bf16" if precision == "mixed" else precision
 
 
 def bf16_supported(device: torch.device) -> bool:

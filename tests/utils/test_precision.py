@@ -1,0 +1,32 @@
+"""Which precision each part of a run uses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conchshell.errors import ConfigError
+from conchshell.utils.precision import (autocast_for, check_precision, frozen_networks_precision,
+                                        generator_precision)
+
+
+def test_inference_precisions_split_into_the_generators_and_the_frozen_networks_share():
+    assert [generator_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "fp32"]
+    assert [frozen_networks_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "bf16"]
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        generator_precision("fp16")
+
+
+def test_training_precisions_do_not_include_mixed():
+    check_precision("bf16", "train.precision")
+    with pytest.raises(ConfigError, match="unknown precision 'mixed' for train.precision"):
+        check_precision("mixed", "train.precision")
+
+
+def test_autocast_for_switches_matmul_dtype_only_for_bf16():
+    a = torch.randn(4, 4)
+    with autocast_for(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast_for(torch.device("cpu"), "fp32"):
+        assert (a @ a).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast_for(torch.device("cpu"), "fp16")
