@@ -569,7 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=_csv(int), default=None,
                         help="training batch sizes, e.g. 2,4,8,16 on a GPU: tried in order until one "
                              "does not fit in memory; the fastest is marked (default: the config's)")
-    parser.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 3: the median of a noisy machine)")
+    parser.add_argument("--train-repeats", type=int, default=None,
+                        help="timed training steps (default 3: a median on a noisy machine)")
     parser.add_argument("--train-warmup", type=int, default=None,
                         help="untimed steps after the FLOP-counting step (default 1, 0 with --quick: the "
                              "allocator settles over the first steps)")
