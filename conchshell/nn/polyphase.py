@@ -154,24 +154,27 @@ class _PolyphaseConv1d(torch.autograd.Function):
         grad_out = grad_out.to(phases.dtype)
 
         def convolution_backward(weight: Tensor, weight_groups: int, mask: list[bool]) -> tuple:
-            return torch.ops.aten.convolution_backward(grad_out, phases, weight, None, [1], [0], [1], False,
-                                                       [0], weight_groups, mask)
+            bias_sizes = [weight.shape[0]] if mask[2] else None
+            return torch.ops.aten.convolution_backward(grad_out, phases, weight, bias_sizes, [1], [0], [1],
+                                                       False, [0], weight_groups, mask)
 
         grad_x = grad_weight = grad_bias = None
         if need_x:
             grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
             grad_x = _merge(grad_phases, length, stride, padding, x_dtype)
-        if need_weight:
+        need_bias = need_bias and has_bias
+        if need_weight or need_bias:
             out_channels, group_inputs, taps = split_weight.shape
             wide = _weight_grad_groups(phases.dtype, groups, out_channels // groups)
-            # Only the shape of the weight is read.
+            # Only the shape of the weight is read. The bias gradient comes from the same kernel:
+            # a sum of its own cast a bf16 gradient to float32 first (a 0.5 GB copy at Deep scale).
             shape_only = split_weight.new_empty((out_channels, group_inputs * groups // wide, taps))
-            split_grad = _block_diagonal(convolution_backward(shape_only, wide, [False, True, False])[1],
-                                         groups, wide)
-            grad_weight = _merge_weight(split_grad, stride, kernel).to(weight_dtype)
-        if need_bias and has_bias:
-            accumulate = torch.promote_types(grad_out.dtype, torch.float32)
-            grad_bias = grad_out.sum(dim=(0, 2), dtype=accumulate).to(weight_dtype)
+            _, split_grad, grad_bias = convolution_backward(shape_only, wide, [False, need_weight, need_bias])
+            if need_weight:
+                split_grad = _block_diagonal(split_grad, groups, wide)
+                grad_weight = _merge_weight(split_grad, stride, kernel).to(weight_dtype)
+            if need_bias:
+                grad_bias = grad_bias.to(weight_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
@@ -206,6 +209,7 @@ class PolyphaseConv1d(nn.Conv1d):
             raise ValueError("PolyphaseConv1d supports numeric zero padding only")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not rewritten_forms_allowed() or x.dim() != 3 or x.device.type != "cpu" or self.stride[0] == 1 or self.dilation[0] != 1:
+        if (not rewritten_forms_allowed() or x.dim() != 3 or x.device.type != "cpu" or self.stride[0] == 1
+                or self.dilation[0] != 1):
             return super().forward(x)
         return polyphase_conv1d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.groups)

@@ -13,8 +13,9 @@ weight gradient and 213 ms for the input gradient on 2 CPU cores in bf16; as pro
 unfolded copy, and unfolds again in the backward (5 ms). The input gradient is the
 transposed weight's product with the output gradient, folded back by ``k`` shifted sums in
 float32. The bias is one more weight column against a row of ones, so neither it nor its
-gradient takes a pass of its own. Inside :func:`conchshell.nn.direct.direct_convolutions` the layer runs as a plain
-convolution, so FLOP counts are those of the convolution (the same products).
+gradient takes a pass of its own. Inside :func:`conchshell.nn.direct.direct_convolutions`
+the layer runs as a plain convolution, so FLOP counts are those of the convolution (the
+same products).
 """
 from __future__ import annotations
 
