@@ -169,7 +169,7 @@ def count_flops(fn: Callable[[], Any], with_grad: bool = False) -> tuple[int, An
     Inference uses :func:`conchshell.utils.profile.count_macs` (x2); ``with_grad=True``
     counts a call that needs autograd (a training step, backward convs included), which
     count_macs cannot since it runs under ``no_grad``; its convolution backward uses
-    :func:`conv_backward_flops` (groups handled). Both count phase-split convolutions as the
+    :func:`conv_backward_flops` (groups handled). Both count rewritten convolutions as the
     plain ones (:func:`conchshell.nn.direct.direct_convolutions`).
     """
     if not with_grad:
