@@ -1,10 +1,14 @@
-"""One switch for the convolutions that run another way on CPU (``conchshell.nn.polyphase``,
-``conchshell.nn.unfolded``): inside :func:`direct_convolutions` they run as plain
-``F.conv1d``, so FLOP counts show the model's own work, not the form that computes it."""
+"""What the convolutions that run another way on CPU (``conchshell.nn.polyphase``,
+``conchshell.nn.unfolded``) share: the switch that makes them plain ``F.conv1d`` again, so
+FLOP counts show the model's own work, not the form that computes it (inside
+:func:`direct_convolutions`), the dtype they compute in, and their module base class."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
 
 _direct = False
 
@@ -23,3 +27,35 @@ def direct_convolutions() -> Iterator[None]:
 def rewritten_forms_allowed() -> bool:
     """False inside :func:`direct_convolutions`."""
     return not _direct
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """What a convolution of ``x`` computes in: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class RewrittenConv1d(nn.Conv1d):
+    """``nn.Conv1d`` (same parameters and state dict) whose batched CPU forward runs
+    :meth:`rewritten_forward` where :meth:`applies` says the other form pays; other devices,
+    unbatched inputs and :func:`direct_convolutions` blocks run the plain convolution."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError(f"{type(self).__name__} supports numeric zero padding only")
+
+    def applies(self) -> bool:
+        """Whether this layer's settings suit the other form."""
+        raise NotImplementedError
+
+    def rewritten_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def rewrites(self, x: Tensor) -> bool:
+        """Whether ``forward(x)`` runs the other form."""
+        return rewritten_forms_allowed() and x.dim() == 3 and x.device.type == "cpu" and self.applies()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rewritten_forward(x) if self.rewrites(x) else super().forward(x)

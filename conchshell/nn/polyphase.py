@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from conchshell.nn.direct import rewritten_forms_allowed
+from conchshell.nn.direct import RewrittenConv1d, compute_dtype
 
 # oneDNN's bf16 weight gradient of a grouped convolution is several times slower below this
 # many output channels per group (see :func:`_weight_grad_groups`).
@@ -178,13 +178,6 @@ class _PolyphaseConv1d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """What the convolution computes in: the autocast dtype when autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def polyphase_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int,
                      groups: int) -> Tensor:
     """``F.conv1d(x, weight, bias, stride, padding, groups=groups)`` (zero padding, no
@@ -195,21 +188,16 @@ def polyphase_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
     length, kernel = x.shape[-1], weight.shape[-1]
     if length + 2 * padding < kernel:
         raise ValueError(f"input of length {length} is shorter than the kernel ({kernel}, padding {padding})")
-    return _PolyphaseConv1d.apply(x, weight, bias, stride, padding, groups, _compute_dtype(x))
+    return _PolyphaseConv1d.apply(x, weight, bias, stride, padding, groups, compute_dtype(x))
 
 
-class PolyphaseConv1d(nn.Conv1d):
+class PolyphaseConv1d(RewrittenConv1d):
     """``nn.Conv1d`` (same parameters and state dict) whose strided CPU forward runs
     :func:`polyphase_conv1d`; other devices, stride 1, dilated kernels, unbatched inputs and
     :func:`~conchshell.nn.direct.direct_convolutions` blocks run the plain convolution."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("PolyphaseConv1d supports numeric zero padding only")
+    def applies(self) -> bool:
+        return self.stride[0] != 1 and self.dilation[0] == 1
 
-    def forward(self, x: Tensor) -> Tensor:
-        if (not rewritten_forms_allowed() or x.dim() != 3 or x.device.type != "cpu" or self.stride[0] == 1
-                or self.dilation[0] != 1):
-            return super().forward(x)
+    def rewritten_forward(self, x: Tensor) -> Tensor:
         return polyphase_conv1d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.groups)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from conchshell.nn.direct import rewritten_forms_allowed
+from conchshell.nn.direct import RewrittenConv1d, compute_dtype
 
 # Above this many input values per output the unfolded copy outweighs the gain.
 MAX_UNFOLDED_ROWS = 64
@@ -89,12 +89,6 @@ class _UnfoldedConv1d(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def unfolded_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int = 0) -> Tensor:
     """``F.conv1d(x, weight, bias, padding=padding)`` (stride 1, zero padding, one group,
     batched ``[B, C, L]`` input) as a product with the unfolded input. Under autocast it
@@ -106,26 +100,18 @@ def unfolded_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int
     if x.shape[-1] + 2 * padding < weight.shape[-1]:
         raise ValueError(f"input of length {x.shape[-1]} is shorter than the kernel "
                          f"({weight.shape[-1]}, padding {padding})")
-    return _UnfoldedConv1d.apply(x, weight, bias, padding, _compute_dtype(x))
+    return _UnfoldedConv1d.apply(x, weight, bias, padding, compute_dtype(x))
 
 
-class UnfoldedConv1d(nn.Conv1d):
+class UnfoldedConv1d(RewrittenConv1d):
     """``nn.Conv1d`` (same parameters and state dict) whose CPU forward runs
     :func:`unfolded_conv1d` when each output reads at most :data:`MAX_UNFOLDED_ROWS` inputs;
     other devices, strides, dilations, groups, unbatched inputs and
     :func:`~conchshell.nn.direct.direct_convolutions` blocks run the plain convolution."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("UnfoldedConv1d supports numeric zero padding only")
-
-    def _unfolds(self, x: Tensor) -> bool:
-        return (rewritten_forms_allowed() and x.dim() == 3 and x.device.type == "cpu"
-                and self.stride[0] == 1 and self.dilation[0] == 1 and self.groups == 1
+    def applies(self) -> bool:
+        return (self.stride[0] == 1 and self.dilation[0] == 1 and self.groups == 1
                 and self.in_channels * self.kernel_size[0] <= MAX_UNFOLDED_ROWS)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._unfolds(x):
-            return super().forward(x)
+    def rewritten_forward(self, x: Tensor) -> Tensor:
         return unfolded_conv1d(x, self.weight, self.bias, self.padding[0])

@@ -76,10 +76,10 @@ def test_module_keeps_conv1d_parameters_and_falls_back_where_it_does_not_apply()
     x = torch.randn(2, 1, 300)
     torch.testing.assert_close(unfolded(x), plain(x), rtol=1e-5, atol=1e-5)
     wide = UnfoldedConv1d(MAX_UNFOLDED_ROWS, 4, 2, padding=1)  # 2 * 64 rows: the plain conv
-    assert not wide._unfolds(torch.randn(1, MAX_UNFOLDED_ROWS, 10))
+    assert not wide.rewrites(torch.randn(1, MAX_UNFOLDED_ROWS, 10))
     for kwargs in ({"stride": 2}, {"dilation": 2}, {"groups": 2}):
         conv = UnfoldedConv1d(2, 4, 3, **kwargs)
-        assert not conv._unfolds(torch.randn(1, 2, 20))
+        assert not conv.rewrites(torch.randn(1, 2, 20))
     with pytest.raises(ValueError, match="zero padding"):
         UnfoldedConv1d(1, 2, 3, padding=1, padding_mode="reflect")
 
