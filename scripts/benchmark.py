@@ -56,6 +56,8 @@ from conchshell.models.factory import (  # noqa: E402
 )
 from conchshell.models.frontend import ImageFrontend  # noqa: E402
 from conchshell.models.generator import freeze_for_inference  # noqa: E402
+from conchshell.nn.direct import direct_convolutions  # noqa: E402
+from conchshell.nn.fft_conv import spectra_bytes  # noqa: E402
 from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
@@ -224,13 +226,17 @@ def mixed_row(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
     return {**bf16, "precision": "mixed", "components": components}
 
 
-def mixed_precision_audio(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
-                          class_ids: torch.Tensor, num_samples: int, device: torch.device) -> torch.Tensor:
-    """``--precision mixed``'s audio: the fp32 ``generator`` on the bf16 frontend's features,
-    decoded under bf16."""
+def generated_audio(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
+                    class_ids: torch.Tensor, num_samples: int, device: torch.device,
+                    generator_precision: str, decoder_precision: str) -> torch.Tensor:
+    """Generator -> fp32 nearest codes -> decoder, each network at its own precision, as
+    :meth:`conchshell.inference.ImageToMusic.generate_from_features` runs them (before it
+    clamps); ``--precision mixed`` is (fp32, bf16) on the bf16 frontend's features."""
     with torch.inference_mode():
-        codes = codec.quantize(generator(features.float(), class_ids).float())
-        with autocast_for(device, "bf16"):
+        with autocast_for(device, generator_precision):
+            latent = generator(features, class_ids)
+        codes = codec.quantize(latent.float())
+        with autocast_for(device, decoder_precision):
             return codec.decode(codes, num_samples)
 
 
@@ -268,6 +274,8 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                                                  config.clip_samples, precision, device, args.repeats, args.warmup)
                 components = {n: dict(front[n], shared=shared) for n in FRONTEND_COMPONENTS}
                 components.update({n: m.summary() for n, m in back.items()})
+                # Kept between calls, so not in the measured peak: the FFT layers' kernel spectra.
+                components["generator"]["fft_spectra_bytes"] = spectra_bytes(generators[precision])
                 rows.append({
                     "level": level,
                     "config": LEVEL_CONFIGS[level],
@@ -282,9 +290,16 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 by_precision = {row["precision"]: row for row in rows[-2:]}
                 rows.append(mixed_row(by_precision["bf16"], by_precision["fp32"]))
                 _, features, class_ids = frontend_results[(image_key, batch, "bf16")]
-                mixed_audio = mixed_precision_audio(generators["fp32"], codec, features, class_ids,
-                                                    config.clip_samples, device)
-                for precision, audio in (("bf16", audio_by_precision["bf16"]), ("mixed", mixed_audio)):
+                others = {"bf16": audio_by_precision["bf16"],
+                          "mixed": generated_audio(generators["fp32"], codec, features, class_ids,
+                                                   config.clip_samples, device, "fp32", "bf16")}
+                # The floor: the same fp32 chain with the generator's convolutions in their
+                # direct form, i.e. two float32-exact computations of one piece.
+                _, features, class_ids = frontend_results[(image_key, batch, "fp32")]
+                with direct_convolutions():
+                    others["fp32_direct"] = generated_audio(generators["fp32"], codec, features, class_ids,
+                                                            config.clip_samples, device, "fp32", "fp32")
+                for precision, audio in others.items():
                     comparisons.append({"level": level, "batch_size": batch, "precision": precision,
                                         **audio_difference(audio_by_precision["fp32"], audio, mel)})
         del generators, codec
@@ -507,9 +522,10 @@ def print_report(report: dict[str, Any]) -> None:
         for row in report["inference"]:
             print_inference_row(row)
     if report["bf16_vs_fp32_audio"]:
-        print("\n## bf16 and mixed (bf16, fp32 generator) vs fp32 audio")
+        print("\n## bf16, mixed (bf16, fp32 generator) and fp32_direct (fp32, direct generator convs: the floor) "
+              "vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
-            print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:5} max|diff| {c['max_abs_diff']:.4g} "
+            print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:11} max|diff| {c['max_abs_diff']:.4g} "
                   f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
                   f"SNR {'inf' if c['snr_db'] is None else format(c['snr_db'], '.1f')} dB")
     if report["training"]:

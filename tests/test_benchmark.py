@@ -221,6 +221,23 @@ def test_mixed_audio_is_what_inference_generates_with_mixed_precision():
     codec = script.build_quietly(script.build_codec, config).eval()
     model = ImageToMusic(generator, script.build_frontend(config), codec, config, "cpu", precision="mixed")
     features, class_ids = torch.rand(2, 2048), torch.tensor([0, 3])
-    audio = script.mixed_precision_audio(generator, codec, features, class_ids, config.clip_samples, CPU)
+    audio = script.generated_audio(generator, codec, features, class_ids, config.clip_samples, CPU, "fp32", "bf16")
     expected, _, _ = model.generate_from_features(features, class_ids)
     torch.testing.assert_close(audio[:, 0].float().clamp(-1, 1), expected)
+
+
+@pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
+def test_bf16_mixed_and_the_fp32_floor_are_each_compared_with_the_fp32_audio():
+    script = load_script()
+    args = script.parse_args(["--levels", "tiny", "--batch-sizes", "1", "--precisions", "fp32,bf16",
+                              "--repeats", "1", "--warmup", "0"])
+    result = script.run_inference(args, CPU)
+    assert [r["precision"] for r in result["inference"]] == ["fp32", "bf16", "mixed"]
+    comparisons = result["bf16_vs_fp32_audio"]
+    assert [c["precision"] for c in comparisons] == ["bf16", "mixed", "fp32_direct"]
+    assert all(c["max_abs_diff"] >= 0 and c["mel_l1"] >= 0 and c["reference_peak"] > 0 for c in comparisons)
+    # The floor's direct convolutions are float32 too: far closer than the bf16 chain.
+    floor, bf16 = comparisons[2], comparisons[0]
+    assert floor["mel_l1"] < bf16["mel_l1"] / 10
+    for row in result["inference"]:
+        assert row["components"]["generator"]["fft_spectra_bytes"] > 0

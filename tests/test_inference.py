@@ -28,6 +28,8 @@ from conchshell.errors import CheckpointError, ConchShellError, ConfigError
 from conchshell.export import save_generator_export
 from conchshell.inference import ImageToMusic, join_with_crossfade, write_wav
 from conchshell.models.factory import build_generator_from_config
+from conchshell.nn.direct import direct_convolutions
+from conchshell.nn.fft_conv import FFTConv1d
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("inference_cli", ROOT / "inference.py")
@@ -131,11 +133,15 @@ def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_sa
         with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
             ImageToMusic.from_checkpoint(export, device="cpu", precision="fp16")
     layers = [m for m in loaded.generator.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear))]
-    assert layers and all(m.weight.dtype == torch.bfloat16 for m in layers)
-    # The same export, unfrozen for bf16 (fp32 weights cast by autocast on every call): same samples.
+    fft_layers = [m for m in layers if isinstance(m, FFTConv1d) and m.applies()]
+    assert fft_layers and all(m.weight.dtype == torch.float32 for m in fft_layers)
+    assert all(m.weight.dtype == torch.bfloat16 for m in layers if m not in fft_layers)
+    # The same export, unfrozen for bf16 (fp32 weights cast by autocast on every call): same
+    # samples when the frozen one's FFT layers run as plain convolutions too.
     autocast_only = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
     image = make_image(tmp_path / "sea.png")
-    assert np.array_equal(loaded.generate(image)[0], autocast_only.generate(image)[0])
+    with direct_convolutions():
+        assert np.array_equal(loaded.generate(image)[0], autocast_only.generate(image)[0])
     # "mixed" keeps the generator it freezes in fp32.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

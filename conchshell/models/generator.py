@@ -69,6 +69,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from conchshell.errors import ConfigError
+from conchshell.nn.fft_conv import FFTConv1d
 from conchshell.nn.layers import ResnetBlock1d
 
 LEVELS = ("high", "low", "deep")
@@ -149,10 +150,10 @@ def _build_high_body(width: float, latent_channels: int) -> list[nn.Module]:
         out_channels = _scaled(out_channels, width)
         if index > 0:
             layers.append(nn.LeakyReLU(0.2))
-        layers.append(nn.Conv1d(in_channels, out_channels, kernel, stride=stride, padding=1))
+        layers.append(FFTConv1d(in_channels, out_channels, kernel, stride=stride, padding=1))
         layers += _residual_pair(out_channels)
         in_channels = out_channels
-    layers += [nn.LeakyReLU(0.2), nn.Conv1d(in_channels, latent_channels, HIGH_FINAL_KERNEL, padding=1)]
+    layers += [nn.LeakyReLU(0.2), FFTConv1d(in_channels, latent_channels, HIGH_FINAL_KERNEL, padding=1)]
     return layers
 
 
@@ -167,7 +168,7 @@ def _build_pooled_body(width: float, latent_channels: int, pool_strides: tuple[i
             layers.append(nn.LeakyReLU(0.2))
         layers += [
             nn.ReflectionPad1d(reflection),
-            nn.Conv1d(in_channels, out_channels, POOLED_KERNEL, padding=1),
+            FFTConv1d(in_channels, out_channels, POOLED_KERNEL, padding=1),
             nn.MaxPool1d(POOL_KERNEL, stride=stride, padding=1),
         ]
         if index < RESIDUAL_STAGES:
@@ -175,7 +176,7 @@ def _build_pooled_body(width: float, latent_channels: int, pool_strides: tuple[i
         in_channels = out_channels
     layers += [
         nn.ReflectionPad1d(POOLED_FINAL_REFLECTION),
-        nn.Conv1d(in_channels, latent_channels, POOLED_KERNEL, padding=1),
+        FFTConv1d(in_channels, latent_channels, POOLED_KERNEL, padding=1),
     ]
     return layers
 
@@ -372,19 +373,26 @@ def freeze_for_inference(generator: ConchShellGenerator, precision: str) -> Conc
     """Turn ``generator`` (in place) into a frozen network for generation only, and return it.
 
     Weight normalisation is folded into plain weights, computed once instead of on every
-    call. For ``"bf16"`` every conv and linear layer is stored in bf16, which bf16 autocast
-    would otherwise cast from fp32 on every call (Deep, batch 1, 2 CPU cores: 238 -> 193 ms).
-    Under the matching precision (fp32, or bf16 autocast) the outputs are bit-identical to
-    the unfrozen network's. The result cannot be trained, and its state dict has plain
-    ``weight`` entries: export generators before freezing them.
+    call. Frozen, the long-kernel stage convolutions run through the FFT in float32
+    (:class:`~conchshell.nn.fft_conv.FFTConv1d`: faster than the direct form in either
+    precision, and more accurate), so they keep float32 weights. For ``"bf16"`` every other
+    conv and linear layer is stored in bf16, which bf16 autocast would otherwise cast from
+    fp32 on every call (Deep, batch 1, 2 CPU cores: 238 -> 193 ms). Inside
+    :func:`~conchshell.nn.direct.direct_convolutions`, under the matching precision (fp32,
+    or bf16 autocast), the outputs are bit-identical to the unfrozen network's. The result
+    cannot be trained, and its state dict has plain ``weight`` entries: export generators
+    before freezing them.
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {precision!r}; expected fp32 or bf16")
     for module in generator.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    generator.eval().requires_grad_(False)
     if precision == "bf16":
         for module in generator.modules():
+            if isinstance(module, FFTConv1d) and module.applies():
+                continue
             if isinstance(module, (nn.Conv1d, nn.Linear)):
                 module.to(torch.bfloat16)
-    return generator.eval().requires_grad_(False)
+    return generator

@@ -2,8 +2,9 @@
 
 MACs count the weight multiplications of convolutions and matrix products only (no bias,
 normalisation, activation or pooling), which is what the paper's Table 1 reports. Layers
-that compute a convolution another way (``conchshell.nn.polyphase``, ``conchshell.nn.unfolded``)
-are counted as the plain convolution: the model's work, not the zero taps of a faster form.
+that compute a convolution another way (``conchshell.nn.polyphase``, ``conchshell.nn.unfolded``,
+``conchshell.nn.fft_conv``) are counted as the plain convolution: the model's work, not the
+zero taps or the spectra of a faster form.
 """
 from __future__ import annotations
 

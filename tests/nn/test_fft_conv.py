@@ -1,0 +1,103 @@
+"""FFT (overlap-save) convolutions against torch's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conchshell.nn.direct import direct_convolutions
+from conchshell.nn.fft_conv import MIN_FFT_KERNEL, FFTConv1d, fft_conv1d, fft_size, kernel_spectrum
+from conchshell.utils.profile import count_macs
+
+
+def _relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((result.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("batch, channels, out_channels, kernel, length, padding", [
+    (1, 8, 16, 40, 300, 1),    # a Low/Deep stage conv, several blocks
+    (3, 4, 5, 40, 60, 0),      # fewer frames than one block
+    (2, 3, 2, 16, 45, 7),      # the shortest FFT kernel, wide padding
+    (1, 2, 3, 60, 59, 1),      # exactly one output frame
+    (2, 5, 4, 42, 2 * 87 + 41, 0),  # a whole number of blocks (N = 128, L = 87)
+])
+def test_equals_the_direct_convolution(batch, channels, out_channels, kernel, length, padding):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, length)
+    weight = torch.randn(out_channels, channels, kernel)
+    bias = torch.randn(out_channels)
+    expected = F.conv1d(x.double(), weight.double(), bias.double(), padding=padding)
+    result = fft_conv1d(x, kernel_spectrum(weight, fft_size(kernel)), bias, kernel, padding)
+    assert result.dtype == torch.float32 and result.shape == expected.shape
+    assert _relative_error(result, expected) < 1e-6
+    without_bias = fft_conv1d(x, kernel_spectrum(weight, fft_size(kernel)), None, kernel, padding)
+    torch.testing.assert_close(without_bias.double(), expected - bias.double()[:, None], rtol=1e-5, atol=1e-4)
+
+
+def test_block_length_is_three_kernels_rounded_up_to_a_power_of_two():
+    assert [fft_size(k) for k in (16, 40, 42, 60)] == [64, 128, 128, 256]
+
+
+def test_bad_inputs_are_errors():
+    spectrum = kernel_spectrum(torch.randn(2, 3, 20), 64)
+    with pytest.raises(ValueError, match="batched"):
+        fft_conv1d(torch.randn(3, 50), spectrum, None, 20, 0)
+    with pytest.raises(ValueError, match="channels"):
+        fft_conv1d(torch.randn(1, 4, 50), spectrum, None, 20, 0)
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        fft_conv1d(torch.randn(1, 3, 10), spectrum, None, 20, 1)
+    with pytest.raises(ValueError, match="block"):
+        fft_conv1d(torch.randn(1, 3, 100), kernel_spectrum(torch.randn(2, 3, 20), 16), None, 20, 0)
+
+
+def _conv(kernel: int = 40, **kwargs) -> FFTConv1d:
+    torch.manual_seed(0)
+    return FFTConv1d(6, 4, kernel, padding=1, **kwargs)
+
+
+def test_only_frozen_stride_one_long_kernels_take_the_fft_form():
+    x = torch.randn(2, 6, 200)
+    trainable = _conv()
+    assert not trainable.rewrites(x)
+    assert _conv().requires_grad_(False).rewrites(x)
+    assert not _conv(stride=2).requires_grad_(False).rewrites(x)
+    assert not _conv(dilation=2).requires_grad_(False).rewrites(x)
+    assert not _conv(MIN_FFT_KERNEL - 1).requires_grad_(False).rewrites(x)
+    frozen = _conv().requires_grad_(False)
+    with direct_convolutions():
+        assert not frozen.rewrites(x)
+    assert not frozen.rewrites(x[0])  # unbatched input: the plain convolution
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_frozen_layer_computes_in_float32_under_bf16_autocast(x_dtype):
+    conv = _conv().requires_grad_(False)
+    x = torch.randn(2, 6, 200).to(x_dtype)
+    expected = F.conv1d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        result = conv(x)
+        with direct_convolutions():
+            direct = conv(x)
+    assert result.dtype == torch.float32 and direct.dtype == torch.bfloat16
+    assert _relative_error(result, expected) < 1e-6
+    assert _relative_error(direct, expected) > 1e-4  # the bf16 direct form is the less exact
+
+
+def test_the_spectrum_is_kept_until_the_weight_changes():
+    conv = _conv().requires_grad_(False)
+    x = torch.randn(1, 6, 200)
+    with torch.inference_mode():
+        first = conv(x)
+        spectrum = conv.spectrum()
+        assert conv(x).equal(first) and conv.spectrum() is spectrum
+        conv.weight.mul_(2)
+        doubled = conv(x)
+    assert conv.spectrum() is not spectrum
+    torch.testing.assert_close(doubled - conv.bias[:, None], 2 * (first - conv.bias[:, None]))
+
+
+def test_counts_the_macs_of_the_direct_convolution():
+    conv = _conv().requires_grad_(False)
+    x = torch.randn(2, 6, 200)
+    frames = 200 + 2 - 40 + 1
+    assert count_macs(conv, x) == 2 * 4 * 6 * 40 * frames
