@@ -12,7 +12,9 @@ In one run, after warm-up, with median/min/max over repeats:
   real-time factor (seconds per second of audio), peak memory, and achieved FLOP/s as a
   fraction of the ceiling of the same precision. FLOPs are counted (conv + matmul,
   2 per MAC) by running each component once under torch's FLOP counter, which doubles
-  as its first warm-up run. The bf16 and fp32 audio of each level are compared too;
+  as its first warm-up run (rewritten convolutions count as the plain ones). The audio of
+  bf16, of ``mixed`` (bf16 with an fp32 generator) and of fp32 with the generator's
+  convolutions in their direct form are each compared with the fp32 audio;
 * one GAN training step for each level, run by the trainer itself
   (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
   terms) on cached-feature batches: samples/s and ceiling fraction, for each batch size of
