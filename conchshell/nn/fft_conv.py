@@ -92,9 +92,18 @@ class FFTConv1d(RewrittenConv1d):
         weight = self.weight
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
         if self._spectrum is None or self._spectrum_of != key:
-            self._spectrum = kernel_spectrum(weight, fft_size(self.kernel_size[0]))
+            # A plain tensor even when first called under inference_mode, so that a later
+            # call with autograd on (gradients to the input) can still use it.
+            with torch.inference_mode(False), torch.no_grad():
+                self._spectrum = kernel_spectrum(weight, fft_size(self.kernel_size[0]))
             self._spectrum_of = key
         return self._spectrum
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "FFTConv1d":
+        # .to() / .cuda() / .half() replace the weight: drop the spectrum rather than keep
+        # hundreds of MB for a weight that is gone.
+        self._spectrum = self._spectrum_of = None
+        return super()._apply(fn, recurse)
 
     def rewritten_forward(self, x: Tensor) -> Tensor:
         # float32 under bf16 autocast too: faster than the bf16 direct form, and exact to 2e-7.

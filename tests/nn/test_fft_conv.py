@@ -101,3 +101,24 @@ def test_counts_the_macs_of_the_direct_convolution():
     x = torch.randn(2, 6, 200)
     frames = 200 + 2 - 40 + 1
     assert count_macs(conv, x) == 2 * 4 * 6 * 40 * frames
+
+
+def test_a_spectrum_made_under_inference_mode_serves_input_gradients_later():
+    conv = _conv().requires_grad_(False)
+    x = torch.randn(1, 6, 120)
+    with torch.inference_mode():
+        conv(x)
+    x.requires_grad_(True)
+    conv(x).pow(2).sum().backward()
+    direct = x.detach().clone().requires_grad_(True)
+    F.conv1d(direct.double(), conv.weight.double(), conv.bias.double(), padding=1).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad.double(), direct.grad.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_moving_the_layer_drops_its_spectrum():
+    conv = _conv().requires_grad_(False)
+    with torch.inference_mode():
+        conv(torch.randn(1, 6, 120))
+    assert conv._spectrum is not None
+    conv.to(torch.float64)
+    assert conv._spectrum is None
