@@ -1,7 +1,8 @@
 """What the convolutions that run another way on CPU (``conchshell.nn.polyphase``,
-``conchshell.nn.unfolded``, ``conchshell.nn.fft_conv``) share: the switch that makes them plain ``F.conv1d`` again, so
-FLOP counts show the model's own work, not the form that computes it (inside
-:func:`direct_convolutions`), the dtype they compute in, and their module base class."""
+``conchshell.nn.unfolded``, ``conchshell.nn.fft_conv``) share: the switch that makes them
+plain ``F.conv1d`` again, so FLOP counts show the model's own work, not the form that
+computes it (inside :func:`direct_convolutions`), the dtype they compute in, and their
+module base class."""
 from __future__ import annotations
 
 import contextlib
