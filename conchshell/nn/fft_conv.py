@@ -21,6 +21,7 @@ for that layer) is computed on the first call and kept until the weight changes.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,9 +44,24 @@ def fft_size(kernel: int) -> int:
 
 
 def kernel_spectrum(weight: Tensor, size: int) -> Tensor:
-    """``[O, C, K]`` weight -> ``conj(rfft(weight, size))`` as ``[size/2+1, O, C]`` complex64."""
-    spectrum = torch.fft.rfft(weight.detach().double(), n=size).conj()
-    return spectrum.permute(2, 0, 1).to(torch.complex64).contiguous()
+    """``[O, C, K]`` weight -> ``conj(rfft(weight, size))`` as ``[size/2+1, O, C]`` complex64.
+
+    Computed in float64 as one product with the ``[size/2+1, K]`` DFT matrix, which writes
+    the frequency-major layout directly: ``torch.fft.rfft`` gives ``[O, C, F]`` and the
+    transposing copy to ``[F, O, C]`` made up most of the time (2 CPU cores, in one process:
+    Deep's widest layer 424 -> 174 ms, all eight Deep layers 0.99-1.16 -> 0.34-0.37 s)."""
+    out_channels, in_channels, kernel = weight.shape
+    if size < kernel:
+        raise ValueError(f"a block of {size} samples is shorter than the kernel ({kernel})")
+    frequencies = size // 2 + 1
+    taps = torch.arange(kernel, dtype=torch.float64, device=weight.device)
+    bins = torch.arange(frequencies, dtype=torch.float64, device=weight.device)
+    angle = (2 * math.pi / size) * torch.outer(bins, taps)
+    # conj(sum_k w[k] e^{-i angle}) = sum_k w[k] (cos angle + i sin angle), for real w.
+    dft = torch.cat([torch.cos(angle), torch.sin(angle)])
+    parts = dft @ weight.detach().double().reshape(out_channels * in_channels, kernel).t()
+    spectrum = torch.complex(parts[:frequencies].float(), parts[frequencies:].float())
+    return spectrum.view(frequencies, out_channels, in_channels)
 
 
 def fft_conv1d(x: Tensor, spectrum: Tensor, bias: Tensor | None, kernel: int, padding: int) -> Tensor:

@@ -38,6 +38,14 @@ def test_block_length_is_three_kernels_rounded_up_to_a_power_of_two():
     assert [fft_size(k) for k in (16, 40, 42, 60)] == [64, 128, 128, 256]
 
 
+def test_kernel_spectrum_is_the_conjugate_rfft_frequency_major():
+    weight = torch.randn(5, 3, 40, dtype=torch.float64)
+    expected = torch.fft.rfft(weight, n=128).conj().permute(2, 0, 1)
+    spectrum = kernel_spectrum(weight, 128)
+    assert spectrum.shape == (65, 5, 3) and spectrum.dtype == torch.complex64
+    assert (spectrum - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
 def test_bad_inputs_are_errors():
     spectrum = kernel_spectrum(torch.randn(2, 3, 20), 64)
     with pytest.raises(ValueError, match="batched"):
