@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
                         help="fp32 (default); bf16: autocast for the image networks, the generator and "
                              "the decoder (the code search stays fp32), fastest, but the generator's "
-                             "rounding moves some frames to another code; mixed: bf16 except the "
-                             "generator, audio much closer to fp32 (README, Performance)")
+                             "rounding moves some frames to another code; mixed: bf16 for the image "
+                             "networks only, audio that scores as fp32's (README, Performance)")
     args = parser.parse_args(argv)
     if args.crossfade < 0:
         parser.error("--crossfade must be >= 0")

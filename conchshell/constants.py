@@ -14,8 +14,9 @@ IMAGE_STD: tuple[float, float, float] = (0.2262, 0.2021, 0.2206)
 
 # Numeric precisions a run can use; fp16 is never offered (it is ~70x slower than fp32 on CPU).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-# Generation may also mix them: "mixed" keeps the generator in fp32 (its bf16 rounding moves
-# latents across codebook cells) and runs the image networks and the decoder in bf16.
+# Generation may also mix them: "mixed" runs the image networks (TCNN, I3D) in bf16 and keeps
+# the generator (its bf16 rounding moves latents across codebook cells) and the decoder (whose
+# bf16 rounding the evaluation's classifier hears) in fp32.
 INFERENCE_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "mixed")
 
 # Jukebox level index -> paper's generator name. Level 0 has the finest hop.

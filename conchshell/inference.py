@@ -50,8 +50,8 @@ from conchshell.models.codec import AudioCodec
 from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
 from conchshell.models.generator import ConchShellGenerator, freeze_for_inference
-from conchshell.utils.precision import (autocast_for, bf16_supported, check_precision, frozen_networks_precision,
-                                         generator_precision)
+from conchshell.utils.precision import (autocast_for, bf16_supported, check_precision, frontend_precision,
+                                         synthesis_precision)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CROSSFADE_SECONDS = 0.5
@@ -147,8 +147,8 @@ class ImageToMusic:
         check_precision(precision, "ImageToMusic", INFERENCE_PRECISIONS)
         if precision != "fp32" and not bf16_supported(self.device):
             raise ConfigError(f"bf16 is not supported on {self.device}; use fp32")
-        # bf16 autocast covers the frontend, the generator and the decoder ("mixed": all but the
-        # generator); the nearest-code search always runs in fp32 (in bf16 it flips codes).
+        # bf16 autocast covers the frontend, the generator and the decoder ("mixed": the frontend
+        # only); the nearest-code search always runs in fp32 (in bf16 it flips codes).
         self.precision = precision
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.frontend = frontend.eval().to(self.device)
@@ -165,7 +165,7 @@ class ImageToMusic:
         generator, config, meta = load_generator_export(path)
         config = resolve_weight_paths(config, path)
         # This generator is ours alone, so it can be frozen in place (same outputs, faster).
-        generator = freeze_for_inference(generator, generator_precision(precision))
+        generator = freeze_for_inference(generator, synthesis_precision(precision))
         return cls(generator, build_frontend(config), build_codec(config), config, device,
                    {**meta, "checkpoint": str(path)}, max_pixels, precision)
 
@@ -194,7 +194,7 @@ class ImageToMusic:
         Models that share this frontend (e.g. a trained generator and its untrained twin) can
         share these too: see :meth:`generate_from_features`.
         """
-        with autocast_for(self.device, frozen_networks_precision(self.precision)):
+        with autocast_for(self.device, frontend_precision(self.precision)):
             return self.frontend(images.to(self.device))
 
     @torch.inference_mode()
@@ -213,10 +213,10 @@ class ImageToMusic:
         """:meth:`generate_batch` after the frontend, from :meth:`image_features`' output."""
         features, predicted = features.to(self.device), predicted.to(self.device)
         used = predicted if class_ids is None else class_ids.to(self.device).long()
-        with autocast_for(self.device, generator_precision(self.precision)):
+        with autocast_for(self.device, synthesis_precision(self.precision)):
             latent = self.generator(features, used)
         codes = self.codec.quantize(latent.float())
-        with autocast_for(self.device, frozen_networks_precision(self.precision)):
+        with autocast_for(self.device, synthesis_precision(self.precision)):
             audio = self.codec.decode(codes, self.clip_samples)[:, 0]
         audio = audio.float().cpu()
         if not torch.isfinite(audio).all():

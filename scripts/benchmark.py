@@ -13,7 +13,7 @@ In one run, after warm-up, with median/min/max over repeats:
   fraction of the ceiling of the same precision. FLOPs are counted (conv + matmul,
   2 per MAC) by running each component once under torch's FLOP counter, which doubles
   as its first warm-up run (rewritten convolutions count as the plain ones). The audio of
-  bf16, of ``mixed`` (bf16 with an fp32 generator) and of fp32 with the generator's
+  bf16, of ``mixed`` (a bf16 frontend, the rest fp32) and of fp32 with the generator's
   convolutions in their direct form are each compared with the fp32 audio;
 * one GAN training step for each level, run by the trainer itself
   (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conchshell.config import Config, config_to_dict, load_config  # noqa: E402
 from conchshell.constants import IMAGE_SIZE, NUM_CLASSES, PRECISIONS  # noqa: E402
 from conchshell.data.feature_cache import FeatureCache  # noqa: E402
+from conchshell.evaluation.metrics import PESQ, STOI, PerceptualMetric  # noqa: E402
 from conchshell.models.codec import AudioCodec  # noqa: E402
 from conchshell.models.factory import (  # noqa: E402
     build_codec,
@@ -82,6 +83,7 @@ LEVEL_CONFIGS = {
 }
 COMPONENTS = ("tcnn_time_features", "tcnn_class", "i3d", "generator", "quantise", "decode")
 FRONTEND_COMPONENTS = COMPONENTS[:3]
+SYNTHESIS_COMPONENTS = COMPONENTS[3:]
 
 
 # --------------------------------------------------------------------------- setup
@@ -171,8 +173,9 @@ def measure_frontend(frontend: ImageFrontend, batch: int, precision: str,
 
 def measure_generation(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
                        class_ids: torch.Tensor, num_samples: int, precision: str,
-                       device: torch.device, repeats: int, warmup: int) -> tuple[dict[str, Measured], torch.Tensor]:
-    """Generator -> quantise -> decode on given features; also returns the audio."""
+                       device: torch.device, repeats: int, warmup: int
+                       ) -> tuple[dict[str, Measured], torch.Tensor, torch.Tensor]:
+    """Generator -> quantise -> decode on given features; also returns the codes and the audio."""
 
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         return frozen_call(fn, device, precision)
@@ -183,7 +186,7 @@ def measure_generation(generator: torch.nn.Module, codec: AudioCodec, features: 
     codes = quantise.timing.extra.pop("result")
     decode = measure(run(lambda: codec.decode(codes, num_samples)), device, repeats, warmup)
     audio = decode.timing.extra.pop("result")
-    return {"generator": gen, "quantise": quantise, "decode": decode}, audio
+    return {"generator": gen, "quantise": quantise, "decode": decode}, codes, audio
 
 
 def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_seconds: float,
@@ -206,12 +209,29 @@ def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_second
     }
 
 
-def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSpectrogram) -> dict[str, float]:
-    """How far ``other`` is from ``reference``: max |diff|, log-mel L1 and the signal-to-error
-    ratio in dB (None for identical audio: JSON has no infinity)."""
+def perceptual_mean(metric: PerceptualMetric, reference: torch.Tensor, other: torch.Tensor,
+                    sample_rate: int) -> float | None:
+    """Mean of ``metric`` over the batch's clips ``[B, 1, N]`` (None if it scores none)."""
+    for item, (ref, est) in enumerate(zip(reference[:, 0].numpy(), other[:, 0].numpy())):
+        metric.update(ref, est, sample_rate, item=str(item))
+    return metric.compute()["mean"]
+
+
+def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSpectrogram,
+                     reference_codes: torch.Tensor, other_codes: torch.Tensor, sample_rate: int) -> dict[str, Any]:
+    """How far ``other`` is from ``reference`` (``[B, 1, N]`` clips): max |diff|, log-mel L1,
+    the signal-to-error ratio in dB (None for identical audio: JSON has no infinity), how
+    many latent frames the two chains put on different codes (where the audio differences
+    concentrate), and what a listener would notice: wide-band PESQ (4.64 for identical
+    audio) and STOI (1), as ``scripts/evaluate.py`` scores them, with ``reference`` as the clean
+    signal (None where a clip cannot be scored, e.g. too short for PESQ)."""
     reference, other = reference.float().cpu(), other.float().cpu()
     error_energy = (reference - other).pow(2).sum().item()
     return {
+        "pesq": perceptual_mean(PESQ(), reference, other, sample_rate),
+        "stoi": perceptual_mean(STOI(), reference, other, sample_rate),
+        "frames_on_other_codes": int((reference_codes != other_codes).sum().item()),
+        "frames": reference_codes.numel(),
         "max_abs_diff": (reference - other).abs().max().item(),
         "mel_l1": mel_l1(other, reference, mel).item(),
         "snr_db": 10 * math.log10(reference.pow(2).sum().item() / error_energy) if error_energy else None,
@@ -221,25 +241,25 @@ def audio_difference(reference: torch.Tensor, other: torch.Tensor, mel: LogMelSp
 
 def mixed_row(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
     """The chain of ``--precision mixed``, from components measured in this run: the bf16
-    row's, with the fp32 row's generator."""
+    row's frontend, the fp32 row's generator, quantise and decoder."""
     components = {name: {**c, "precision": "bf16"} for name, c in bf16["components"].items()}
-    components["generator"] = {**fp32["components"]["generator"], "precision": "fp32"}
-    components["quantise"]["precision"] = "fp32"
+    for name in SYNTHESIS_COMPONENTS:
+        components[name] = {**fp32["components"][name], "precision": "fp32"}
     return {**bf16, "precision": "mixed", "components": components}
 
 
 def generated_audio(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
                     class_ids: torch.Tensor, num_samples: int, device: torch.device,
-                    generator_precision: str, decoder_precision: str) -> torch.Tensor:
-    """Generator -> fp32 nearest codes -> decoder, each network at its own precision, as
+                    generator_precision: str, decoder_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, audio) of generator -> fp32 nearest codes -> decoder, each network at its own precision, as
     :meth:`conchshell.inference.ImageToMusic.generate_from_features` runs them (before it
-    clamps); ``--precision mixed`` is (fp32, bf16) on the bf16 frontend's features."""
+    clamps); ``--precision mixed`` is (fp32, fp32) on the bf16 frontend's features."""
     with torch.inference_mode():
         with autocast_for(device, generator_precision):
             latent = generator(features, class_ids)
         codes = codec.quantize(latent.float())
         with autocast_for(device, decoder_precision):
-            return codec.decode(codes, num_samples)
+            return codes, codec.decode(codes, num_samples)
 
 
 def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -262,7 +282,7 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
         codec = build_quietly(build_codec, config).to(device).eval()
         mel = log_mel_for(config)
         for batch in args.batch_sizes:
-            audio_by_precision: dict[str, torch.Tensor] = {}
+            outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # precision -> (codes, audio)
             for precision in args.precisions:
                 key = (image_key, batch, precision)
                 shared = key in frontend_results
@@ -272,7 +292,7 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                     summaries = {n: m.summary() for n, m in measured.items()}
                     frontend_results[key] = (summaries, features, class_ids)
                 front, features, class_ids = frontend_results[key]
-                back, audio = measure_generation(generators[precision], codec, features, class_ids,
+                back, codes, audio = measure_generation(generators[precision], codec, features, class_ids,
                                                  config.clip_samples, precision, device, args.repeats, args.warmup)
                 components = {n: dict(front[n], shared=shared) for n in FRONTEND_COMPONENTS}
                 components.update({n: m.summary() for n, m in back.items()})
@@ -286,24 +306,26 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                     "clip_seconds": config.data.clip_seconds,
                     "components": components,
                 })
-                audio_by_precision[precision] = audio
+                outputs[precision] = codes, audio
                 print_progress(f"{level} b{batch} {precision}", components)
-            if {"fp32", "bf16"} <= set(audio_by_precision):
+            if {"fp32", "bf16"} <= set(outputs):
                 by_precision = {row["precision"]: row for row in rows[-2:]}
                 rows.append(mixed_row(by_precision["bf16"], by_precision["fp32"]))
                 _, features, class_ids = frontend_results[(image_key, batch, "bf16")]
-                others = {"bf16": audio_by_precision["bf16"],
+                others = {"bf16": outputs["bf16"],
                           "mixed": generated_audio(generators["fp32"], codec, features, class_ids,
-                                                   config.clip_samples, device, "fp32", "bf16")}
+                                                   config.clip_samples, device, "fp32", "fp32")}
                 # The FFT form's own effect: the same fp32 chain with the generator's
                 # convolutions in their direct form.
                 _, features, class_ids = frontend_results[(image_key, batch, "fp32")]
                 with direct_convolutions():
                     others["fp32_direct"] = generated_audio(generators["fp32"], codec, features, class_ids,
                                                             config.clip_samples, device, "fp32", "fp32")
-                for precision, audio in others.items():
+                reference_codes, reference_audio = outputs["fp32"]
+                for precision, (codes, audio) in others.items():
                     comparisons.append({"level": level, "batch_size": batch, "precision": precision,
-                                        **audio_difference(audio_by_precision["fp32"], audio, mel)})
+                                        **audio_difference(reference_audio, audio, mel, reference_codes, codes,
+                                                           config.data.sample_rate)})
         del generators, codec
     return {"inference": rows, "bf16_vs_fp32_audio": comparisons}
 
@@ -481,6 +503,10 @@ def print_progress(head: str, parts: dict[str, dict[str, Any]]) -> None:
     print(f"[{head}] {text}", file=sys.stderr, flush=True)
 
 
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.1f}" if seconds < 100 else f"{seconds * 1e3:9.0f}"
 
@@ -524,12 +550,14 @@ def print_report(report: dict[str, Any]) -> None:
         for row in report["inference"]:
             print_inference_row(row)
     if report["bf16_vs_fp32_audio"]:
-        print("\n## bf16, mixed (bf16, fp32 generator) and fp32_direct (fp32, direct generator convs: the FFT "
+        print("\n## bf16, mixed (bf16 frontend, the rest fp32) and fp32_direct (fp32, direct generator convs: the FFT "
               "form's own effect) vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
             print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:11} max|diff| {c['max_abs_diff']:.4g} "
                   f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
-                  f"SNR {'inf' if c['snr_db'] is None else format(c['snr_db'], '.1f')} dB")
+                  f"SNR {'inf' if c['snr_db'] is None else format(c['snr_db'], '.1f')} dB  "
+                  f"frames on other codes {c['frames_on_other_codes']} of {c['frames']}  "
+                  f"PESQ {_score(c['pesq'])}  STOI {_score(c['stoi'])}")
     if report["training"]:
         print("\n## GAN training step (ms median [min-max]; samples/s; GFLOP; GFLOP/s; % ceiling; "
               "peak memory; x FLOP-bound at bf16 rate)")

@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conchshell.constants import CLASS_NAMES, CLIP_SECONDS  # noqa: E402
+from conchshell.constants import CLASS_NAMES, CLIP_SECONDS, INFERENCE_PRECISIONS  # noqa: E402
 from conchshell.data.audio import load_audio  # noqa: E402
 from conchshell.errors import ConchShellError, DataError  # noqa: E402
 from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
@@ -233,12 +233,12 @@ def untrained_twin(model: Any, seed: int) -> Any:
 
     from conchshell.inference import ImageToMusic
     from conchshell.models.generator import build_generator, freeze_for_inference
-    from conchshell.utils.precision import generator_precision
+    from conchshell.utils.precision import synthesis_precision
 
     torch.manual_seed(seed)
     # hparams is the export's generator_hparams as rebuilt by load_generator_export.
     generator = freeze_for_inference(build_generator(**model.generator.hparams),
-                                     generator_precision(model.precision))
+                                     synthesis_precision(model.precision))
     meta = {"checkpoint": f"the untrained generator (architecture of {model.meta.get('checkpoint')}, seed {seed})"}
     return ImageToMusic(generator, model.frontend, model.codec, model.config, model.device, meta, model.max_pixels,
                         model.precision)
@@ -496,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="checkpoint mode: also score an untrained generator of the checkpoint's architecture")
     parser.add_argument("--out", type=Path, default=Path("eval"), help="output folder (default eval/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (checkpoint mode)")
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
+                        help="checkpoint mode: the precision generation runs at, as inference.py --precision "
+                             "(default fp32)")
     parser.add_argument("--seed", type=int, default=0, help="also initialises the untrained generator (default 0)")
     args = parser.parse_args(argv)
     directory_mode = args.generated is not None or args.reference is not None
@@ -526,11 +529,12 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the seeded smoke-test codec's notice
-            model = ImageToMusic.from_checkpoint(args.checkpoint, device=args.device)
+            model = ImageToMusic.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
     records = read_manifest(args.data, seed=model.config.data.split_seed if model else 0) if args.data else None
 
     report: dict[str, Any] = {"mode": "directories" if directory_mode else "checkpoint", "sample_rate": EVAL_RATE,
                               "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                              "precision": args.precision if args.checkpoint else None,
                               "data": str(args.data) if args.data else None}
     errors: list[dict] = []
     if directory_mode:

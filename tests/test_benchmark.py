@@ -104,12 +104,19 @@ def test_audio_difference_is_zero_for_identical_audio_and_grows_with_noise():
     config = script.offline_config("tiny")
     mel = script.log_mel_for(config)
     audio = torch.sin(torch.linspace(0, 400, config.clip_samples)).view(1, 1, -1)
-    same = script.audio_difference(audio, audio.clone(), mel)
+    codes = torch.arange(12).view(2, 6)
+    rate = config.data.sample_rate
+    same = script.audio_difference(audio, audio.clone(), mel, codes, codes.clone(), rate)
     assert same["max_abs_diff"] == 0 and same["mel_l1"] == 0 and same["snr_db"] is None
-    noisy = script.audio_difference(audio, audio + 0.1 * torch.randn_like(audio), mel)
-    assert noisy["max_abs_diff"] > 0.1 and noisy["mel_l1"] > 0
+    assert same["frames_on_other_codes"] == 0 and same["frames"] == 12
+    assert same["pesq"] == pytest.approx(4.64, abs=0.01) and same["stoi"] == pytest.approx(1.0)
+    moved = codes.clone()
+    moved[1, 2:4] += 1
+    noisy = script.audio_difference(audio, audio + 0.1 * torch.randn_like(audio), mel, codes, moved, rate)
+    assert noisy["max_abs_diff"] > 0.1 and noisy["mel_l1"] > 0 and noisy["frames_on_other_codes"] == 2
     # sine power 1/2 against noise power 0.01: 10 log10(50) = 17 dB
     assert noisy["snr_db"] == pytest.approx(17.0, abs=0.3)
+    assert noisy["pesq"] < 2 and noisy["stoi"] < 0.5
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
@@ -191,7 +198,7 @@ def test_each_precision_gets_a_generator_with_the_same_seeded_weights():
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_mixed_chain_takes_the_fp32_rows_generator_and_its_own_ceiling_per_component():
+def test_mixed_chain_takes_the_fp32_rows_synthesis_and_its_own_ceiling_per_component():
     script = load_script()
 
     def row(precision, seconds):
@@ -202,12 +209,11 @@ def test_mixed_chain_takes_the_fp32_rows_generator_and_its_own_ceiling_per_compo
     bf16, fp32 = row("bf16", 0.1), row("fp32", 0.3)
     mixed = script.mixed_row(bf16, fp32)
     assert mixed["precision"] == "mixed" and bf16["precision"] == "bf16"
-    assert mixed["components"]["generator"]["median_s"] == 0.3
-    assert mixed["components"]["decode"]["median_s"] == 0.1
+    assert [mixed["components"][n]["median_s"] for n in script.COMPONENTS] == [0.1, 0.1, 0.1, 0.3, 0.3, 0.3]
     script.apply_ceilings([mixed], [], {"fp32": 2e10, "bf16": 4e10})
     assert mixed["components"]["generator"]["ceiling_fraction"] == pytest.approx(1e9 / 0.3 / 2e10)
-    assert mixed["components"]["decode"]["ceiling_fraction"] == pytest.approx(1e9 / 0.1 / 4e10)
-    assert mixed["total"]["seconds"] == pytest.approx(0.3 + 5 * 0.1)
+    assert mixed["components"]["i3d"]["ceiling_fraction"] == pytest.approx(1e9 / 0.1 / 4e10)
+    assert mixed["total"]["seconds"] == pytest.approx(3 * 0.3 + 3 * 0.1)
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
@@ -221,8 +227,10 @@ def test_mixed_audio_is_what_inference_generates_with_mixed_precision():
     codec = script.build_quietly(script.build_codec, config).eval()
     model = ImageToMusic(generator, script.build_frontend(config), codec, config, "cpu", precision="mixed")
     features, class_ids = torch.rand(2, 2048), torch.tensor([0, 3])
-    audio = script.generated_audio(generator, codec, features, class_ids, config.clip_samples, CPU, "fp32", "bf16")
+    codes, audio = script.generated_audio(generator, codec, features, class_ids, config.clip_samples, CPU,
+                                          "fp32", "fp32")
     expected, _, _ = model.generate_from_features(features, class_ids)
+    assert codes.shape[0] == 2 and codes.dtype == torch.long
     torch.testing.assert_close(audio[:, 0].float().clamp(-1, 1), expected)
 
 
@@ -236,8 +244,10 @@ def test_bf16_mixed_and_the_fp32_floor_are_each_compared_with_the_fp32_audio():
     comparisons = result["bf16_vs_fp32_audio"]
     assert [c["precision"] for c in comparisons] == ["bf16", "mixed", "fp32_direct"]
     assert all(c["max_abs_diff"] >= 0 and c["mel_l1"] >= 0 and c["reference_peak"] > 0 for c in comparisons)
+    assert all(0 <= c["frames_on_other_codes"] <= c["frames"] for c in comparisons)
     # The floor's direct convolutions are float32 too: far closer than the bf16 chain.
     floor, bf16 = comparisons[2], comparisons[0]
     assert floor["mel_l1"] < bf16["mel_l1"] / 10
+    assert floor["pesq"] >= bf16["pesq"] and floor["stoi"] >= bf16["stoi"]
     for row in result["inference"]:
         assert row["components"]["generator"]["fft_spectra_bytes"] > 0

@@ -89,9 +89,10 @@ def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path
         assert model.prepare(pil.copy()).equal(model.prepare(image))
 
 
-@pytest.mark.parametrize("precision, generator_dtype", [("bf16", torch.bfloat16), ("mixed", torch.float32)])
-def test_bf16_and_mixed_run_the_image_networks_and_decoder_in_bf16_and_the_code_search_in_fp32(
-        model, tiny_config, tmp_path, precision, generator_dtype):
+@pytest.mark.parametrize("precision, synthesis_dtype", [("bf16", torch.bfloat16), ("mixed", torch.float32)])
+def test_bf16_and_mixed_run_the_image_networks_in_bf16_and_the_code_search_in_fp32(
+        model, tiny_config, tmp_path, precision, synthesis_dtype):
+    # bf16 also runs the generator and the decoder in bf16; mixed keeps both in fp32.
     fast = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision=precision)
     seen = {}
 
@@ -117,7 +118,7 @@ def test_bf16_and_mixed_run_the_image_networks_and_decoder_in_bf16_and_the_code_
         for hook in hooks:
             hook.remove()
         del model.codec.quantize
-    assert seen == {"generator": generator_dtype, "quantize": torch.float32, "decoder": torch.bfloat16,
+    assert seen == {"generator": synthesis_dtype, "quantize": torch.float32, "decoder": synthesis_dtype,
                     "frontend_autocast": True}
     assert waveform.dtype == np.float32 and waveform.shape == (tiny_config.clip_samples,) and np.isfinite(waveform).all()
     with pytest.raises(ConfigError, match="unknown precision 'fp16'"):

@@ -16,16 +16,17 @@ def check_precision(precision: str, setting: str, allowed: tuple[str, ...] = PRE
                           f"{', '.join(allowed)} (fp16 is not offered: it is ~70x slower than fp32 on CPU)")
 
 
-def generator_precision(precision: str) -> str:
-    """The generator's share of an inference precision (``mixed`` keeps it in fp32)."""
-    check_precision(precision, "generation", INFERENCE_PRECISIONS)
-    return "fp32" if precision == "mixed" else precision
-
-
-def frozen_networks_precision(precision: str) -> str:
-    """The image networks' and the decoder's share of an inference precision (bf16 in ``mixed``)."""
+def frontend_precision(precision: str) -> str:
+    """The image networks' (TCNN, I3D) share of an inference precision: bf16 in bf16 and ``mixed``."""
     check_precision(precision, "generation", INFERENCE_PRECISIONS)
     return "bf16" if precision == "mixed" else precision
+
+
+def synthesis_precision(precision: str) -> str:
+    """The generator's and the decoder's share of an inference precision: bf16 only in bf16
+    (``mixed`` keeps both in fp32)."""
+    check_precision(precision, "generation", INFERENCE_PRECISIONS)
+    return "fp32" if precision == "mixed" else precision
 
 
 def bf16_supported(device: torch.device) -> bool:

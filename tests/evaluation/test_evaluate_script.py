@@ -177,6 +177,22 @@ def test_checkpoint_mode_generates_scores_and_rescores_identically(tmp_path, cap
         assert rescored["systems"]["generated"][key] == report["systems"]["generated"][key]
 
 
+def test_checkpoint_mode_generates_at_the_requested_precision(tmp_path, monkeypatch):
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    export = save_generator_export(tmp_path / "G.pt", build_generator_from_config(config), config, step=1)
+    manifest = _tiny_dataset(tmp_path)
+    precisions = []
+    load = ImageToMusic.from_checkpoint
+    monkeypatch.setattr(ImageToMusic, "from_checkpoint",
+                        lambda *args, **kwargs: precisions.append(kwargs.get("precision")) or load(*args, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert evaluate.main(["--checkpoint", str(export), "--data", str(manifest), "--limit", "1",
+                              "--precision", "mixed", "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+    assert precisions == ["mixed"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["precision"] == "mixed"
+
+
 def test_untrained_baseline_is_the_seeded_architecture_and_rescores_identically(tmp_path, capsys, monkeypatch):
     config = load_config(ROOT / "configs" / "tiny.yaml")
     torch.manual_seed(1)  # the "trained" weights: any draw but the baseline's seed

@@ -5,15 +5,16 @@ import pytest
 import torch
 
 from conchshell.errors import ConfigError
-from conchshell.utils.precision import (autocast_for, check_precision, frozen_networks_precision,
-                                        generator_precision)
+from conchshell.utils.precision import (autocast_for, check_precision, frontend_precision,
+                                        synthesis_precision)
 
 
-def test_inference_precisions_split_into_the_generators_and_the_frozen_networks_share():
-    assert [generator_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "fp32"]
-    assert [frozen_networks_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "bf16"]
-    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
-        generator_precision("fp16")
+def test_inference_precisions_split_into_the_frontends_and_the_synthesis_share():
+    assert [frontend_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "bf16"]
+    assert [synthesis_precision(p) for p in ("fp32", "bf16", "mixed")] == ["fp32", "bf16", "fp32"]
+    for split in (frontend_precision, synthesis_precision):
+        with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+            split("fp16")
 
 
 def test_training_precisions_do_not_include_mixed():
