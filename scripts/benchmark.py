@@ -251,9 +251,9 @@ def mixed_row(bf16: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
 def generated_audio(generator: torch.nn.Module, codec: AudioCodec, features: torch.Tensor,
                     class_ids: torch.Tensor, num_samples: int, device: torch.device,
                     generator_precision: str, decoder_precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, audio) of generator -> fp32 nearest codes -> decoder, each network at its own precision, as
-    :meth:`conchshell.inference.ImageToMusic.generate_from_features` runs them (before it
-    clamps); ``--precision mixed`` is (fp32, fp32) on the bf16 frontend's features."""
+    """(codes, audio) of generator -> fp32 nearest codes -> decoder, each network at its own
+    precision, as :meth:`conchshell.inference.ImageToMusic.generate_from_features` runs them
+    (before it clamps); ``--precision mixed`` is (fp32, fp32) on the bf16 frontend's features."""
     with torch.inference_mode():
         with autocast_for(device, generator_precision):
             latent = generator(features, class_ids)
@@ -293,7 +293,8 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                     frontend_results[key] = (summaries, features, class_ids)
                 front, features, class_ids = frontend_results[key]
                 back, codes, audio = measure_generation(generators[precision], codec, features, class_ids,
-                                                 config.clip_samples, precision, device, args.repeats, args.warmup)
+                                                        config.clip_samples, precision, device, args.repeats,
+                                                        args.warmup)
                 components = {n: dict(front[n], shared=shared) for n in FRONTEND_COMPONENTS}
                 components.update({n: m.summary() for n, m in back.items()})
                 # Kept between calls, so not in the measured peak: the FFT layers' kernel spectra.
