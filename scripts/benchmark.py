@@ -163,10 +163,10 @@ def measure_frontend(frontend: ImageFrontend, batch: int, precision: str,
     def run(fn: Callable[[], Any]) -> Callable[[], Any]:
         return frozen_call(fn, device, precision)
 
-    time_features = measure(run(lambda: frontend.pseudo_video(images)), device, repeats, warmup)
-    video = time_features.timing.extra.pop("result")
+    time_features = measure(run(lambda: frontend.block_frames(images)), device, repeats, warmup)
+    frames = time_features.timing.extra.pop("result")
     tcnn_class = measure(run(lambda: frontend.predict_class(images)), device, repeats, warmup)
-    i3d = measure(run(lambda: frontend.embed(video)), device, repeats, warmup)
+    i3d = measure(run(lambda: frontend.embed(frames)), device, repeats, warmup)
     measured = {"tcnn_time_features": time_features, "tcnn_class": tcnn_class, "i3d": i3d}
     return measured, i3d.timing.extra.pop("result"), tcnn_class.timing.extra.pop("result")
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from conchshell.models.i3d import InceptionI3d, i3d_embedding
-from conchshell.models.pseudo_video import check_grouping, image_to_pseudo_video
+from conchshell.models.pseudo_video import check_grouping, image_to_block_frames
 from conchshell.models.tcnn import TCNN
 
 
@@ -31,20 +31,22 @@ class ImageFrontend(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Normalised images [B,3,224,224] -> (features [B,2048] float32, class ids [B] int64)."""
-        return self.embed(self.pseudo_video(images)), self.predict_class(images)
+        return self.embed(self.block_frames(images)), self.predict_class(images)
 
     @torch.no_grad()
     def predict_class(self, images: Tensor) -> Tensor:
         return self.tcnn.predict_class(images.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
-    def pseudo_video(self, images: Tensor) -> Tensor:
-        """Images -> Algorithm-1 clip [B,3,18,224,224], laid out channels-last for I3D."""
+    def block_frames(self, images: Tensor) -> Tensor:
+        """Images -> the Algorithm-1 clip's distinct frames [B,3,blocks,224,224], channels-last
+        for I3D; the clip repeats each ``tcnn.frames_per_block`` times (TCNN-6: 6 x 3 = 18)."""
         images = images.contiguous(memory_format=torch.channels_last)
-        video = image_to_pseudo_video(self.tcnn, images, self.grouping)
-        return video.contiguous(memory_format=torch.channels_last_3d)
+        frames = image_to_block_frames(self.tcnn, images, self.grouping)
+        return frames.contiguous(memory_format=torch.channels_last_3d)
 
     @torch.no_grad()
-    def embed(self, video: Tensor) -> Tensor:
-        """Pseudo-video -> I3D features [B,2048] float32."""
-        return i3d_embedding(self.i3d, video.contiguous(memory_format=torch.channels_last_3d)).float()
+    def embed(self, frames: Tensor) -> Tensor:
+        """:meth:`block_frames` -> I3D features [B,2048] float32 of the clip they stand for."""
+        frames = frames.contiguous(memory_format=torch.channels_last_3d)
+        return i3d_embedding(self.i3d, frames, self.tcnn.frames_per_block).float()

@@ -31,6 +31,7 @@ __all__ = [
     "group_average_matrix",
     "block_to_frame",
     "build_pseudo_video",
+    "image_to_block_frames",
     "image_to_pseudo_video",
 ]
 
@@ -133,6 +134,16 @@ def image_to_pseudo_video(tcnn: TCNN, images: torch.Tensor, grouping: str = "eve
     """
     check_grouping(grouping)
     return _assemble(_frames(tcnn, images, grouping), len(tcnn.convs), tcnn.frames_per_block)
+
+
+def image_to_block_frames(tcnn: TCNN, images: torch.Tensor, grouping: str = "even") -> torch.Tensor:
+    """The pseudo-video's distinct frames, one per time-feature block: [B,3,len(tcnn.convs),H,W].
+
+    :func:`image_to_pseudo_video` is this with every frame repeated ``tcnn.frames_per_block``
+    times; I3D can take it as it is (``frame_repeats``), without the repeated copies.
+    """
+    check_grouping(grouping)
+    return _assemble(_frames(tcnn, images, grouping), len(tcnn.convs), 1)
 
 
 def _frames(tcnn: TCNN, images: torch.Tensor, grouping: str) -> Iterator[torch.Tensor]:

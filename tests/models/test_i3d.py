@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compat import DATA, read_manifest, relative_error, seeded_input, seeded_state_dict
@@ -22,6 +23,7 @@ from conchshell.models.i3d import (
     pad_same_3d,
     same_padding,
     seeded_i3d,
+    separable_max_pool3d,
 )
 from conchshell.utils.checkpoint import load_strict
 from conchshell.utils.profile import count_macs, count_params
@@ -111,6 +113,40 @@ def test_max_pool_keeps_input_dtype_under_autocast():
         pooled = pool(x)
     assert pooled.dtype == torch.bfloat16
     assert torch.equal(pooled.float(), pool(x.float()))
+
+
+@pytest.mark.parametrize("shape, kernel, stride", [
+    ((2, 64, 9, 113, 113), (1, 3, 3), (1, 2, 2)),  # the stem's pools
+    ((1, 16, 11, 30, 30), (3, 3, 3), (1, 1, 1)),   # an Inception block's branch pool
+    ((1, 8, 11, 29, 29), (3, 3, 3), (2, 2, 2)),
+    ((1, 8, 5, 9, 9), (2, 2, 2), (2, 2, 2)),
+    ((1, 5, 4, 7, 6), (2, 1, 3), (1, 2, 1)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separable_max_pool_is_bit_identical(shape, kernel, stride, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    x[0, 0, 0, :2, :2] = 0.5  # ties
+    pooled = separable_max_pool3d(x, kernel, stride)
+    assert torch.equal(pooled, F.max_pool3d(x, kernel, stride))
+    assert pooled.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_max_pool_with_gradients_gives_each_window_one_winner():
+    # On ties torch.maximum would share the gradient: the autograd path keeps max_pool3d's.
+    x = torch.zeros(1, 1, 1, 3, 3, requires_grad=True)
+    MaxPool3dSamePadding((1, 3, 3), (1, 1, 1))(x)[0, 0, 0, 1, 1].backward()
+    assert x.grad.sum() == 1 and x.grad.count_nonzero() == 1
+
+
+def test_stem_on_distinct_frames_equals_the_repeated_clip():
+    model = freeze_i3d(seeded_i3d(1))
+    frames = seeded_input((1, 3, 6, 224, 224), 2).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = i3d_embedding(model, frames.repeat_interleave(3, dim=2))
+        got = i3d_embedding(model, frames, frame_repeats=3)
+    assert got.shape == (1, I3D_EMBEDDING_DIM)
+    assert relative_error(got, expected) < 1e-5
 
 
 def test_extract_features_matches_reference(reference_run):
