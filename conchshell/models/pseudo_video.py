@@ -23,6 +23,7 @@ from torch import nn
 
 from conchshell.errors import ConfigError
 from conchshell.models.tcnn import TCNN
+from conchshell.nn.tap_product import SameSizeConv, shared_input_convs
 
 __all__ = [
     "GROUPINGS",
@@ -149,15 +150,27 @@ def image_to_block_frames(tcnn: TCNN, images: torch.Tensor, grouping: str = "eve
 def _frames(tcnn: TCNN, images: torch.Tensor, grouping: str) -> Iterator[torch.Tensor]:
     *body, last = tcnn.convs
     block = images
-    for conv in body:
+    for index, conv in enumerate(body):
         block = conv(block)
-        yield block_to_frame(block, grouping)
-    yield _group_averaged_conv(last, block, grouping)
+        if index < len(body) - 1:
+            yield block_to_frame(block, grouping)
+    filters = [_group_averaged_filters(last, grouping)]
+    if body:  # the last block's own frame reads the same input as the last conv: one pass
+        average = group_average_matrix(block.shape[1], grouping).to(block.device, last.weight.dtype)
+        filters.insert(0, SameSizeConv(average[:, :, None, None], None))
+    yield from shared_input_convs(block, filters)
 
 
-def _group_averaged_conv(conv: nn.Conv2d, x: torch.Tensor, grouping: str) -> torch.Tensor:
-    """``block_to_frame(conv(x))`` with one 3-filter conv instead of ``conv``'s full width."""
+def _group_averaged_filters(conv: nn.Conv2d, grouping: str) -> SameSizeConv:
+    """``conv``'s filters averaged over each channel group: ``block_to_frame(conv(x))`` is one
+    3-filter convolution with them (averaging commutes with a convolution)."""
+    kernel, dilation = conv.kernel_size[0], conv.dilation[0]
+    if (conv.kernel_size[1] != kernel or conv.dilation[1] != dilation or conv.stride != (1, 1)
+            or conv.groups != 1 or conv.padding != (dilation * (kernel - 1) // 2,) * 2):
+        raise ValueError(f"a time-feature conv must keep the image size (square odd kernel, stride 1, "
+                         f"'same' padding, no groups), got {conv}")
     average = group_average_matrix(conv.out_channels, grouping).to(conv.weight.device, conv.weight.dtype)
-    weight = torch.einsum("gc,c...->g...", average, conv.weight)
-    bias = None if conv.bias is None else average @ conv.bias
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    with torch.autocast(conv.weight.device.type, enabled=False):  # averaged in the weights' dtype
+        weight = torch.einsum("gc,c...->g...", average, conv.weight)
+        bias = None if conv.bias is None else average @ conv.bias
+    return SameSizeConv(weight, bias, dilation)

@@ -9,6 +9,7 @@ from conchshell.models.pseudo_video import (
     block_to_frame,
     build_pseudo_video,
     channel_groups,
+    image_to_block_frames,
     image_to_pseudo_video,
 )
 from conchshell.models.tcnn import TCNN6, TCNN18
@@ -110,15 +111,28 @@ def test_bad_inputs_are_rejected() -> None:
 
 @pytest.mark.parametrize("cls", [TCNN6, TCNN18])
 @pytest.mark.parametrize("grouping", ["even", "original"])
-def test_image_to_pseudo_video_matches_the_two_step_path(cls: type, grouping: str) -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_image_to_pseudo_video_matches_the_two_step_path(cls: type, grouping: str,
+                                                         layout: torch.memory_format) -> None:
+    # Channels-last images take the one-product path for the last two frames.
     torch.manual_seed(0)
-    model = cls().eval()
-    images = torch.randn(2, 3, 20, 20)
+    model = cls().eval().to(memory_format=layout)
+    images = torch.randn(2, 3, 20, 20).contiguous(memory_format=layout)
     with torch.no_grad():
         video = image_to_pseudo_video(model, images, grouping=grouping)
+        frames = image_to_block_frames(model, images, grouping=grouping)
         expected = build_pseudo_video(model.time_features(images), model.frames_per_block, grouping)
     assert video.shape == (2, 3, 18, 20, 20)
     torch.testing.assert_close(video, expected)
+    assert frames.shape == (2, 3, len(model.convs), 20, 20)
+    torch.testing.assert_close(frames.repeat_interleave(model.frames_per_block, dim=2), video)
+
+
+def test_time_feature_convs_must_keep_the_image_size() -> None:
+    model = TCNN6().eval()
+    model.convs[-1].stride = (2, 2)
+    with pytest.raises(ValueError, match="keep the image size"):
+        image_to_pseudo_video(model, torch.randn(1, 3, 20, 20))
 
 
 def test_tcnn6_pseudo_video_at_paper_size() -> None:
