@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from conchshell.nn.channels_last import Conv1d, ConvTranspose1d
+from conchshell.nn.channels_last import Conv1d, ConvTranspose1d, phase_grid_applies, relu_conv_on_phase_grid
 
 
 class ResidualConvBlock1d(nn.Module):
@@ -27,6 +27,12 @@ class ResidualConvBlock1d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        _, conv, *tail = self.model
+        if phase_grid_applies(x, conv):
+            hidden = relu_conv_on_phase_grid(x, conv)
+            for layer in tail:
+                hidden = layer(hidden)
+            return x + hidden
         return x + self.model(x)
 
 

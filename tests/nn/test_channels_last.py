@@ -6,8 +6,11 @@ from conchshell.nn.channels_last import (
     Conv1d,
     ConvTranspose1d,
     from_channels_last_2d,
+    phase_grid_applies,
+    relu_conv_on_phase_grid,
     to_channels_last_2d,
 )
+from conchshell.nn.resnet1d import ResidualConvBlock1d
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -68,3 +71,43 @@ def test_parameters_and_state_dict_match_the_torch_modules():
 def test_non_zero_padding_modes_are_refused():
     with pytest.raises(ValueError, match="zero padding"):
         Conv1d(2, 2, 3, padding=1, padding_mode="reflect")
+
+
+@pytest.mark.parametrize("dilation, length, kernel", [
+    (9, 100, 3),     # not a whole number of grid rows: the ReLU buffer's tail is zeros
+    (27, 81, 3),     # exactly three rows
+    (243, 1000, 3),  # fewer rows than taps reach: most outputs see padding
+    (9, 50, 5),
+])
+def test_phase_grid_convolution_equals_the_dilated_one(dilation, length, kernel):
+    torch.manual_seed(0)
+    conv = Conv1d(8, 6, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation).requires_grad_(False)
+    x = to_channels_last_2d(torch.randn(1, 8, length, dtype=torch.float64)).float()
+    with torch.no_grad():
+        assert phase_grid_applies(x, conv)
+        got = relu_conv_on_phase_grid(x, conv)
+        expected = conv(torch.relu(x))
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_phase_grid_only_where_it_is_the_same_computation():
+    conv = Conv1d(4, 4, 3, padding=27, dilation=27).requires_grad_(False)
+    x = to_channels_last_2d(torch.randn(1, 4, 200))
+    with torch.no_grad():
+        assert phase_grid_applies(x, conv)
+        assert not phase_grid_applies(to_channels_last_2d(torch.randn(2, 4, 200)), conv)  # batch
+        assert not phase_grid_applies(x.squeeze(2), conv)  # the 1-D path
+        assert not phase_grid_applies(x, Conv1d(4, 4, 3, padding=3, dilation=3).requires_grad_(False))
+        assert not phase_grid_applies(x, Conv1d(4, 4, 3, padding=20, dilation=27).requires_grad_(False))
+    assert not phase_grid_applies(x.requires_grad_(), conv)  # autograd keeps the plain path
+
+
+def test_residual_unit_takes_the_phase_grid_without_autograd():
+    torch.manual_seed(1)
+    unit = ResidualConvBlock1d(8, 8, dilation=81).requires_grad_(False)
+    x = to_channels_last_2d(torch.randn(1, 8, 500))
+    with torch.no_grad():
+        fast = unit(x)
+    slow = unit(x.clone().requires_grad_())  # autograd on: the plain path
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
