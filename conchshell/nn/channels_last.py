@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conchshell.nn.direct import rewritten_forms_allowed
+
 
 def to_channels_last_2d(x: Tensor) -> Tensor:
     """``[B, C, T]`` -> ``[B, C, 1, T]`` stored channels-last (one copy)."""
@@ -75,9 +77,10 @@ PHASE_GRID_MIN_DILATION = 9
 
 
 def phase_grid_applies(x: Tensor, conv: Conv1d) -> bool:
-    """Whether :func:`relu_conv_on_phase_grid` takes ``x`` through ``conv``."""
+    """Whether :func:`relu_conv_on_phase_grid` takes ``x`` through ``conv`` (never inside
+    :func:`~conchshell.nn.direct.direct_convolutions`: FLOP counts are the plain conv's)."""
     dilation, padding, kernel = conv.dilation[0], conv.padding[0], conv.kernel_size[0]
-    return (x.dim() == 4 and x.shape[0] == 1 and x.device.type == "cpu"
+    return (rewritten_forms_allowed() and x.dim() == 4 and x.shape[0] == 1 and x.device.type == "cpu"
             and x.is_contiguous(memory_format=torch.channels_last)
             and dilation >= PHASE_GRID_MIN_DILATION and padding % dilation == 0
             and conv.stride[0] == 1 and conv.groups == 1

@@ -10,6 +10,7 @@ from conchshell.nn.channels_last import (
     relu_conv_on_phase_grid,
     to_channels_last_2d,
 )
+from conchshell.nn.direct import direct_convolutions
 from conchshell.nn.resnet1d import ResidualConvBlock1d
 
 
@@ -111,3 +112,10 @@ def test_residual_unit_takes_the_phase_grid_without_autograd():
         fast = unit(x)
     slow = unit(x.clone().requires_grad_())  # autograd on: the plain path
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_phase_grid_stands_aside_inside_direct_convolutions():
+    conv = Conv1d(4, 4, 3, padding=27, dilation=27).requires_grad_(False)
+    x = to_channels_last_2d(torch.randn(1, 4, 200))
+    with torch.no_grad(), direct_convolutions():
+        assert not phase_grid_applies(x, conv)
