@@ -316,8 +316,8 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 others = {"bf16": outputs["bf16"],
                           "mixed": generated_audio(generators["fp32"], codec, features, class_ids,
                                                    config.clip_samples, device, "fp32", "fp32")}
-                # The FFT form's own effect: the same fp32 chain with the generator's
-                # convolutions in their direct form.
+                # The faster forms' own effect: the same fp32 chain with every rewritten
+                # convolution (the generator's FFT form, the decoder's phase grid) plain.
                 _, features, class_ids = frontend_results[(image_key, batch, "fp32")]
                 with direct_convolutions():
                     others["fp32_direct"] = generated_audio(generators["fp32"], codec, features, class_ids,
@@ -551,8 +551,8 @@ def print_report(report: dict[str, Any]) -> None:
         for row in report["inference"]:
             print_inference_row(row)
     if report["bf16_vs_fp32_audio"]:
-        print("\n## bf16, mixed (bf16 frontend, the rest fp32) and fp32_direct (fp32, direct generator convs: the FFT "
-              "form's own effect) vs fp32 audio")
+        print("\n## bf16, mixed (bf16 frontend, the rest fp32) and fp32_direct (fp32, every rewritten conv in its "
+              "plain form: the faster forms' own effect) vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
             print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:11} max|diff| {c['max_abs_diff']:.4g} "
                   f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
