@@ -67,6 +67,9 @@ def repeated_frames_conv3d(frames: Tensor, repeats: int, weight: Tensor, bias: T
         return F.conv3d(clip, weight, bias, tuple(stride))
     batch, _, count, _, _ = frames.shape
     steps = temporal_tap_groups(count, repeats, weight.shape[2], stride[0], t_padding)
+    if not steps:
+        raise ValueError(f"a clip of {count * repeats} frames (padded by {tuple(t_padding)}) is shorter "
+                         f"than the kernel ({weight.shape[2]} taps)")
     if not all(steps):
         raise ValueError(f"temporal padding {tuple(t_padding)} leaves a window of the kernel "
                          f"({weight.shape[2]} taps) on padding only")
@@ -85,5 +88,5 @@ def repeated_frames_conv3d(frames: Tensor, repeats: int, weight: Tensor, bias: T
                               dtype=step_out.dtype, device=step_out.device,
                               memory_format=torch.channels_last_3d)
         out[:, :, step] = step_out
-    assert out is not None  # steps is never empty: the clip has at least one frame
+    assert out is not None  # there is at least one step
     return out

@@ -95,10 +95,13 @@ def test_counts_the_flops_of_the_repeated_clip_inside_direct_convolutions():
     assert flops(lambda: repeated_frames_conv3d(x, 3, weight, None, (2, 2, 2), padding)) < expected / 2
 
 
-def test_refuses_a_window_on_padding_only():
+def test_refuses_a_window_on_padding_only_and_a_clip_shorter_than_the_kernel():
     with pytest.raises(ValueError, match="padding only"):
         repeated_frames_conv3d(torch.randn(1, 1, 1, 4, 4), 2, torch.randn(1, 1, 3, 1, 1), None,
                                (1, 1, 1), [(4, 0), (0, 0), (0, 0)])
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        repeated_frames_conv3d(torch.randn(1, 1, 1, 4, 4), 2, torch.randn(1, 1, 7, 1, 1), None,
+                               (1, 1, 1), [(0, 0), (0, 0), (0, 0)])
 
 
 def test_repeat_frames_checks_its_count():
