@@ -492,8 +492,8 @@ def measure_ceilings(device: torch.device, size: int) -> dict[str, dict[str, Any
 
 
 def best_ceilings(*measurements: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Best rate per precision over the measurements (start and end of the run): on a shared
-    machine the lower reading is the contended one, not the hardware's limit."""
+    """Best rate per precision over the measurements (start, middle and end of the run): on a
+    shared machine the lower readings are the contended ones, not the hardware's limit."""
     return {name: max(m[name]["flops_per_s"] for m in measurements) for name in measurements[0]}
 
 
@@ -544,7 +544,7 @@ def print_report(report: dict[str, Any]) -> None:
     for name, rate in report["ceiling"]["used"].items():
         readings = ", ".join(f"{m[name]['flops_per_s'] / 1e9:.1f}" for m in report["ceiling"]["measurements"])
         size = report["ceiling"]["measurements"][0][name]["size"]
-        print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s ({size}^3 matmul; best of each reading: {readings})")
+        print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s ({size}^3 matmul; best of the readings at start, middle, end: {readings})")
     if report["inference"]:
         print("\n## Inference (ms: median [min-max]; GFLOP counted; GFLOP/s; % of same-precision ceiling; "
               "peak memory; * = frontend shared across levels)")
@@ -659,10 +659,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[ceiling] fp32 {first['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
           f"bf16 {first['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
     inference = run_inference(args, device) if args.levels else {"inference": [], "bf16_vs_fp32_audio": []}
+    # A reading between the parts as well: on a shared VM one reading in three or four came
+    # out at half the rate, and a run with two low readings would flatter every fraction.
+    middle = measure_ceilings(device, size)
     training = run_training(args, device) if args.train_levels else []
     cache = run_feature_cache(args, device, inference["inference"], training)
     last = measure_ceilings(device, size)
-    rates = best_ceilings(first, last)
+    readings = [first, middle, last]
+    rates = best_ceilings(*readings)
     apply_ceilings(inference["inference"], training, rates)
     report = {
         "meta": {
@@ -679,12 +683,13 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "notes": "Seeded weights (no checkpoints). Chain totals = sum of component medians. "
-                     "ceiling = best matmul rate of the readings at start and end of the run; "
+                     "ceiling = best matmul rate of the readings at the start, after inference "
+                     "and at the end of the run; "
                      "ceiling_fraction is against the same precision's ceiling; x_flop_bound "
                      "is time / (FLOPs / bf16 matmul rate). CPU peak memory = rise of the process "
                      "high-water RSS during the timed runs.",
         },
-        "ceiling": {"used": rates, "measurements": [first, last]},
+        "ceiling": {"used": rates, "measurements": readings},
         **inference,
         "training": training,
         "feature_cache": cache,
