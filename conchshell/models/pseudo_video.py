@@ -79,8 +79,13 @@ def block_to_frame(block: torch.Tensor, grouping: str = "even") -> torch.Tensor:
         raise ValueError(f"a time-feature block must be [B,C,H,W], got shape {tuple(block.shape)}")
     # One 1x1 conv reads the block once; per-group means of a bf16 channels-last block
     # each made an fp32 copy of their slice first (TCNN-6 time features, bf16: ~8 ms less).
-    weight = group_average_matrix(block.shape[1], grouping).to(block.device, block.dtype)
-    return F.conv2d(block, weight[:, :, None, None])
+    return F.conv2d(block, _frame_filter(block.shape[1], grouping, block).weight)
+
+
+def _frame_filter(channels: int, grouping: str, like: torch.Tensor) -> SameSizeConv:
+    """The 1x1 filters whose outputs are a block's three group means (``like``'s device and dtype)."""
+    average = group_average_matrix(channels, grouping).to(like.device, like.dtype)
+    return SameSizeConv(average[:, :, None, None], None)
 
 
 def _assemble(frames: Iterable[torch.Tensor], num_blocks: int, frames_per_block: int) -> torch.Tensor:
@@ -156,8 +161,7 @@ def _frames(tcnn: TCNN, images: torch.Tensor, grouping: str) -> Iterator[torch.T
             yield block_to_frame(block, grouping)
     filters = [_group_averaged_filters(last, grouping)]
     if body:  # the last block's own frame reads the same input as the last conv: one pass
-        average = group_average_matrix(block.shape[1], grouping).to(block.device, last.weight.dtype)
-        filters.insert(0, SameSizeConv(average[:, :, None, None], None))
+        filters.insert(0, _frame_filter(block.shape[1], grouping, last.weight))
     yield from shared_input_convs(block, filters)
 
 
