@@ -109,13 +109,17 @@ def relu_conv_on_phase_grid(x: Tensor, conv: Conv1d) -> Tensor:
                          memory_format=torch.channels_last)
     torch.clamp_min(x, 0, out=buffer[..., :length])
     buffer[..., length:].zero_()
-    # Canonical channels-last strides (a view would give the size-1 batch another stride,
-    # and oneDNN would then write its output channels-first).
-    grid = buffer.as_strided((batch, channels, rows, dilation), (rows * dilation * channels, 1, dilation * channels, channels))
+    grid = _channels_last_view(buffer, rows, dilation)
     out = F.conv2d(grid, conv.weight.unsqueeze(3), conv.bias, 1, (conv.padding[0] // dilation, 0))
-    if not out.is_contiguous(memory_format=torch.channels_last):
-        raise RuntimeError(f"expected a channels-last output from the phase-grid convolution, got strides {out.stride()}")
-    out_channels = out.shape[1]
-    sequence = out.as_strided((batch, out_channels, 1, rows * dilation),
-                              (rows * dilation * out_channels, 1, rows * dilation * out_channels, out_channels))
-    return sequence[..., :length]
+    # oneDNN writes channels-last here; the copy only guards the view below if it ever did not.
+    out = out.contiguous(memory_format=torch.channels_last)
+    return _channels_last_view(out, 1, rows * dilation)[..., :length]
+
+
+def _channels_last_view(x: Tensor, height: int, width: int) -> Tensor:
+    """A channels-last ``[1, C, h, w]`` tensor seen as ``[1, C, height, width]`` (the same
+    ``h * w`` positions), with canonical strides: a ``view`` gives the size-1 batch another
+    stride, and oneDNN then writes its output channels-first."""
+    batch, channels = x.shape[:2]
+    return x.as_strided((batch, channels, height, width),
+                        (height * width * channels, 1, width * channels, channels))
