@@ -13,8 +13,8 @@ In one run, after warm-up, with median/min/max over repeats:
   fraction of the ceiling of the same precision. FLOPs are counted (conv + matmul,
   2 per MAC) by running each component once under torch's FLOP counter, which doubles
   as its first warm-up run (rewritten convolutions count as the plain ones). The audio of
-  bf16, of ``mixed`` (a bf16 frontend, the rest fp32) and of fp32 with the generator's
-  convolutions in their direct form are each compared with the fp32 audio;
+  bf16, of ``mixed`` (a bf16 frontend, the rest fp32) and of fp32 with every rewritten
+  convolution in its plain form are each compared with the fp32 audio;
 * one GAN training step for each level, run by the trainer itself
   (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
   terms) on cached-feature batches: samples/s and ceiling fraction, for each batch size of
@@ -544,7 +544,8 @@ def print_report(report: dict[str, Any]) -> None:
     for name, rate in report["ceiling"]["used"].items():
         readings = ", ".join(f"{m[name]['flops_per_s'] / 1e9:.1f}" for m in report["ceiling"]["measurements"])
         size = report["ceiling"]["measurements"][0][name]["size"]
-        print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s ({size}^3 matmul; best of the readings at start, middle, end: {readings})")
+        print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s "
+              f"({size}^3 matmul; best of the readings at start, middle, end: {readings})")
     if report["inference"]:
         print("\n## Inference (ms: median [min-max]; GFLOP counted; GFLOP/s; % of same-precision ceiling; "
               "peak memory; * = frontend shared across levels)")
