@@ -37,6 +37,14 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def weights_key(*tensors: Tensor | None) -> tuple[Any, ...]:
+    """What a form computed from these weights (kept between calls) was computed from: it is
+    stale once the key differs. In-place changes show in the version counter, except for
+    inference tensors, which keep none: for them only a new tensor is noticed."""
+    return tuple(None if t is None else (t.data_ptr(), None if t.is_inference() else t._version, t.dtype, t.device)
+                 for t in tensors)
+
+
 class RewrittenConv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters and state dict) whose batched CPU forward runs
     :meth:`rewritten_forward` where :meth:`applies` says the other form pays; other devices,

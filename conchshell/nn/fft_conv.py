@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from conchshell.nn.direct import RewrittenConv1d
+from conchshell.nn.direct import RewrittenConv1d, weights_key
 
 # Below this kernel length the direct convolution is as fast (and the spectrum is waste).
 MIN_FFT_KERNEL = 16
@@ -106,7 +106,7 @@ class FFTConv1d(RewrittenConv1d):
     def spectrum(self) -> Tensor:
         """The kernel's spectrum, computed again only when the weight has changed."""
         weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        key = weights_key(weight)
         if self._spectrum is None or self._spectrum_of != key:
             # A plain tensor even when first called under inference_mode, so that a later
             # call with autograd on (gradients to the input) can still use it.

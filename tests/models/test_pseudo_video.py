@@ -13,6 +13,10 @@ from conchshell.models.pseudo_video import (
     image_to_pseudo_video,
 )
 from conchshell.models.tcnn import TCNN6, TCNN18
+from conchshell.nn.direct import direct_convolutions
+
+# Larger than four receptive radii (18 for both TCNNs) on each side: the composed-filter form.
+COMPOSED_SIZE = (80, 96)
 
 
 def _channel_index_block(channels: int, batch: int = 2, size: int = 4, offset: float = 0.0) -> torch.Tensor:
@@ -126,6 +130,83 @@ def test_image_to_pseudo_video_matches_the_two_step_path(cls: type, grouping: st
     torch.testing.assert_close(video, expected)
     assert frames.shape == (2, 3, len(model.convs), 20, 20)
     torch.testing.assert_close(frames.repeat_interleave(model.frames_per_block, dim=2), video)
+
+
+def _chain_frames(model: torch.nn.Module, images: torch.Tensor, grouping: str = "even") -> torch.Tensor:
+    with torch.no_grad(), direct_convolutions():
+        return image_to_block_frames(model, images, grouping=grouping)
+
+
+@pytest.mark.parametrize("cls", [TCNN6, TCNN18])
+@pytest.mark.parametrize("grouping", ["even", "original"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_composed_filter_frames_match_the_convolutions(cls: type, grouping: str,
+                                                       layout: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    model = cls().eval().to(memory_format=layout)
+    images = torch.randn(2, 3, *COMPOSED_SIZE).contiguous(memory_format=layout)
+    expected = _chain_frames(model, images, grouping)
+    with torch.no_grad():
+        frames = image_to_block_frames(model, images, grouping=grouping)
+    assert frames.shape == expected.shape and frames.dtype == torch.float32
+    scale = expected.abs().max().item()
+    # The border band (strips through the convolutions) and the interior (the FFT) alike.
+    torch.testing.assert_close(frames, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_composed_filter_frames_under_bf16() -> None:
+    torch.manual_seed(0)
+    model = TCNN6().eval().to(memory_format=torch.channels_last)
+    images = torch.randn(1, 3, *COMPOSED_SIZE).contiguous(memory_format=torch.channels_last)
+    reference = _chain_frames(model, images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        frames = image_to_block_frames(model, images)
+        chain = _chain_frames(model, images)
+    assert frames.dtype == chain.dtype == torch.bfloat16
+    inner = (..., slice(18, -18), slice(18, -18))
+    # The interior is computed in float32 and only rounded to bf16 at the end: within half a
+    # bf16 step of float32's frames, where the bf16 convolutions drift further.
+    half_step = reference[inner].abs() * 2.0 ** -8 + 1e-5 * reference.abs().max()
+    assert ((frames[inner].float() - reference[inner]).abs() <= half_step).all()
+    assert ((chain[inner].float() - reference[inner]).abs() > half_step).float().mean() > 0.1
+    torch.testing.assert_close(frames.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_composed_filters_follow_the_weights() -> None:
+    torch.manual_seed(0)
+    model = TCNN6().eval()
+    images = torch.randn(1, 3, *COMPOSED_SIZE)
+    with torch.no_grad():
+        image_to_block_frames(model, images)
+        model.convs[2].weight.mul_(-0.5)  # in place: the kept spectra must not be reused
+        model.convs[4].bias.add_(1.0)
+        frames = image_to_block_frames(model, images)
+    expected = _chain_frames(model, images)
+    torch.testing.assert_close(frames, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_a_tcnn_built_under_inference_mode() -> None:
+    # Its weights are inference tensors, which keep no version counter.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = TCNN6().eval()
+        images = torch.randn(1, 3, *COMPOSED_SIZE)
+        first = image_to_block_frames(model, images)
+        again = image_to_block_frames(model, images)
+        with direct_convolutions():
+            expected = image_to_block_frames(model, images)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_gradients_take_the_convolutions() -> None:
+    torch.manual_seed(0)
+    model = TCNN6().eval()
+    images = torch.randn(1, 3, *COMPOSED_SIZE, requires_grad=True)
+    frames = image_to_block_frames(model, images)
+    frames.square().sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all()
+    assert model.convs[0].weight.grad is not None
 
 
 def test_time_feature_convs_must_keep_the_image_size() -> None:
