@@ -14,7 +14,7 @@ In one run, after warm-up, with median/min/max over repeats:
   2 per MAC) by running each component once under torch's FLOP counter, which doubles
   as its first warm-up run (rewritten convolutions count as the plain ones). The audio of
   bf16, of ``mixed`` (a bf16 frontend, the rest fp32) and of fp32 with every rewritten
-  convolution in its plain form are each compared with the fp32 audio;
+  form plain, frontend included, are each compared with the fp32 audio;
 * one GAN training step for each level, run by the trainer itself
   (``GanStage.train_step``: D update, then G update with the straight-through wave/mel
   terms) on cached-feature batches: samples/s and ceiling fraction, for each batch size of
@@ -316,10 +316,11 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> dict[str, A
                 others = {"bf16": outputs["bf16"],
                           "mixed": generated_audio(generators["fp32"], codec, features, class_ids,
                                                    config.clip_samples, device, "fp32", "fp32")}
-                # The faster forms' own effect: the same fp32 chain with every rewritten
-                # convolution (the generator's FFT form, the decoder's phase grid) plain.
-                _, features, class_ids = frontend_results[(image_key, batch, "fp32")]
-                with direct_convolutions():
+                # The faster forms' own effect: the same fp32 chain, image to wav, with every
+                # rewritten form plain (the TCNN frames' composed filters, I3D's repeated-frame
+                # stem and pools, the generator's FFT convolutions, the decoder's phase grid).
+                with direct_convolutions(), torch.inference_mode():
+                    features, class_ids = frontend(seeded_images(batch, device))
                     others["fp32_direct"] = generated_audio(generators["fp32"], codec, features, class_ids,
                                                             config.clip_samples, device, "fp32", "fp32")
                 reference_codes, reference_audio = outputs["fp32"]
@@ -553,7 +554,7 @@ def print_report(report: dict[str, Any]) -> None:
             print_inference_row(row)
     if report["bf16_vs_fp32_audio"]:
         print("\n## bf16, mixed (bf16 frontend, the rest fp32) and fp32_direct (fp32, every rewritten conv in its "
-              "plain form: the faster forms' own effect) vs fp32 audio")
+              "plain form, image to wav: the faster forms' own effect) vs fp32 audio")
         for c in report["bf16_vs_fp32_audio"]:
             print(f"{c['level']:5} b{c['batch_size']:<2} {c['precision']:11} max|diff| {c['max_abs_diff']:.4g} "
                   f"(fp32 peak {c['reference_peak']:.4g})  mel L1 {c['mel_l1']:.4g}  "
