@@ -160,9 +160,10 @@ def image_to_block_frames(tcnn: TCNN, images: torch.Tensor, grouping: str = "eve
       that interior comes from the FFT in float32 (:mod:`conchshell.nn.composed_filter`,
       the filters' spectra computed once per image size and kept until the weights
       change) and only the border band, 18 pixels wide for TCNN-6, from the convolutions,
-      on four strips of the image. TCNN-6 at 224x224, batch 1, 2 CPU cores: fp32 300 ->
-      135-145 ms, bf16 155 -> 85-88 ms; the fp32 frames within 7e-6 of the chain's (of a
-      peak of 5.3), and under bf16 the interior is float32's. Inside
+      on four strips of the image. TCNN-6 at 224x224, batch 1, 2 CPU cores, alternated in
+      one process: fp32 307-311 -> 141-144 ms, bf16 162-165 -> 83-84 ms; the fp32 frames
+      within 1.1e-5 of the chain's (of a peak of 5.3), and under bf16 the interior is
+      float32's. Inside
       :func:`conchshell.nn.direct.direct_convolutions` (FLOP counts) and with autograd the
       convolutions run over the whole image.
     """
