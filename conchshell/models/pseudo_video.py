@@ -199,16 +199,19 @@ def _frames(layers: Sequence[SameSizeConv], images: torch.Tensor, grouping: str,
 
     Only the image within the layers' receptive radius of ``box`` is read. A layer run on
     such a crop pads it with zeros where the image goes on, so after each layer the
-    region kept shrinks by its padding on every side that is not an edge of the image.
+    region kept shrinks by its padding on every side that is not an edge of the image,
+    and to what the remaining layers' radius around ``box`` still needs.
     """
     height, width = images.shape[-2:]
     box = (0, height, 0, width) if box is None else box
-    region = _grown(box, sum(layer.padding for layer in layers), height, width)
+    remaining = sum(layer.padding for layer in layers)
+    region = _grown(box, remaining, height, width)
     block = _dense(images[..., region[0]:region[1], region[2]:region[3]])
     *body, last = layers
     for index, layer in enumerate(body):
         block = F.conv2d(block, layer.weight, layer.bias, padding=layer.padding, dilation=layer.dilation)
-        block, region = _shrunk(block, region, layer.padding, height, width)
+        remaining -= layer.padding
+        block, region = _shrunk(block, region, layer.padding, _grown(box, remaining, height, width), height, width)
         if index < len(body) - 1:
             yield _within(block_to_frame(block, grouping), region, box)
     filters = [_group_averaged_filters(last, grouping)]
@@ -217,7 +220,7 @@ def _frames(layers: Sequence[SameSizeConv], images: torch.Tensor, grouping: str,
     *own_frame, last_frame = shared_input_convs(block, filters)
     for frame in own_frame:
         yield _within(frame, region, box)
-    last_frame, region = _shrunk(last_frame, region, last.padding, height, width)
+    last_frame, region = _shrunk(last_frame, region, last.padding, box, height, width)
     yield _within(last_frame, region, box)
 
 
@@ -226,11 +229,15 @@ def _grown(box: Box, margin: int, height: int, width: int) -> Box:
     return max(0, top - margin), min(height, bottom + margin), max(0, left - margin), min(width, right + margin)
 
 
-def _shrunk(block: torch.Tensor, region: Box, margin: int, height: int, width: int) -> tuple[torch.Tensor, Box]:
-    """``block`` (covering ``region``) cut by ``margin`` on the sides that are not image edges."""
+def _shrunk(block: torch.Tensor, region: Box, margin: int, needed: Box, height: int,
+            width: int) -> tuple[torch.Tensor, Box]:
+    """``block`` (covering ``region``) cut by ``margin`` on the sides that are not image edges,
+    and to ``needed``."""
     top, bottom, left, right = region
-    kept = (top if top == 0 else top + margin, bottom if bottom == height else bottom - margin,
-            left if left == 0 else left + margin, right if right == width else right - margin)
+    kept = (max(needed[0], top if top == 0 else top + margin),
+            min(needed[1], bottom if bottom == height else bottom - margin),
+            max(needed[2], left if left == 0 else left + margin),
+            min(needed[3], right if right == width else right - margin))
     if kept == region:
         return block, region
     return _dense(_within(block, region, kept)), kept
