@@ -189,6 +189,11 @@ def time_feature_layers(tcnn: TCNN) -> list[SameSizeConv]:
     return layers
 
 
+def _receptive_radius(layers: Sequence[SameSizeConv]) -> int:
+    """How far from an output pixel the chain reads: the sum of the layers' paddings."""
+    return sum(layer.padding for layer in layers)
+
+
 # Rows [top, bottom) and columns [left, right) of an image.
 Box = tuple[int, int, int, int]
 
@@ -204,7 +209,7 @@ def _frames(layers: Sequence[SameSizeConv], images: torch.Tensor, grouping: str,
     """
     height, width = images.shape[-2:]
     box = (0, height, 0, width) if box is None else box
-    remaining = sum(layer.padding for layer in layers)
+    remaining = _receptive_radius(layers)
     region = _grown(box, remaining, height, width)
     block = _dense(images[..., region[0]:region[1], region[2]:region[3]])
     *body, last = layers
@@ -272,7 +277,7 @@ MIN_SIZE_PER_RADIUS = 4
 
 
 def _composed_form_applies(layers: Sequence[SameSizeConv], images: torch.Tensor) -> bool:
-    radius = sum(layer.padding for layer in layers)
+    radius = _receptive_radius(layers)
     height, width = images.shape[-2:]
     needs_grad = torch.is_grad_enabled() and (images.requires_grad or any(
         layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad) for layer in layers))
@@ -283,9 +288,10 @@ def _composed_form_applies(layers: Sequence[SameSizeConv], images: torch.Tensor)
 def _composed_frames(tcnn: TCNN, layers: Sequence[SameSizeConv], images: torch.Tensor,
                      grouping: str) -> torch.Tensor:
     """:func:`image_to_block_frames` as the composed filters' interior plus the convolutions'
-    border band (four strips; the corners are computed twice)."""
+    border band: four strips, the side ones trimmed layer by layer to the rows between the
+    top and bottom strips."""
     batch, _, height, width = images.shape
-    radius = sum(layer.padding for layer in layers)
+    radius = _receptive_radius(layers)
     spectra, constant = _frame_filter_spectra(tcnn, layers, grouping, height, width)
     frames = torch.empty((batch, 3, len(layers), height, width), dtype=compute_dtype(images),
                          device=images.device, memory_format=torch.channels_last_3d)
@@ -312,7 +318,7 @@ def _frame_filter_spectra(tcnn: TCNN, layers: Sequence[SameSizeConv], grouping: 
     cached = _FILTER_SPECTRA.get(tcnn)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    radius = sum(layer.padding for layer in layers)
+    radius = _receptive_radius(layers)
     exact = [SameSizeConv(layer.weight.detach().double(), None if layer.bias is None else layer.bias.detach().double(),
                           layer.dilation) for layer in layers]
     # Plain float64 tensors even when first called under inference_mode or autocast.
