@@ -21,6 +21,10 @@ In one run, after warm-up, with median/min/max over repeats:
   ``--train-batch`` up to the first that does not fit in memory (the fastest is marked);
 * the frozen-feature cache: frontend compute per image vs loading a cached tensor.
 
+Every timing also records ``cpu_steal_fraction``, the share of CPU time the hypervisor gave
+to other guests while it ran (``/proc/stat``; the run's own is in ``meta``): on a shared VM
+a row with much steal is slow because of the machine, not the code.
+
 Every network without a checkpoint file uses the factory's seeded weights, so the run needs
 no downloads; speed does not depend on the weights' values. The frontend (TCNN + I3D) is the
 same network for every level, so it is measured once per batch size and precision and its
@@ -67,6 +71,7 @@ from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
 from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
 from conchshell.utils.precision import autocast_for  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
+    CpuSteal,
     Timing,
     count_flops,
     format_bytes,
@@ -513,6 +518,16 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:9.1f}" if seconds < 100 else f"{seconds * 1e3:9.0f}"
 
 
+def _steal(fraction: float | None) -> str:
+    return "steal n/a" if fraction is None else f"steal {100 * fraction:.1f}%"
+
+
+def max_steal(rows: list[dict[str, Any]]) -> float | None:
+    """The highest stolen CPU share among measurements (None if none was reported)."""
+    known = [r["cpu_steal_fraction"] for r in rows if r.get("cpu_steal_fraction") is not None]
+    return max(known) if known else None
+
+
 def print_inference_row(row: dict[str, Any]) -> None:
     head = f"{row['level']:5} b{row['batch_size']:<2} {row['precision']:5}"
     for name, c in row["components"].items():
@@ -523,7 +538,8 @@ def print_inference_row(row: dict[str, Any]) -> None:
     t = row["total"]
     print(f"{head} {'TOTAL':20}{_ms(t['seconds'])} RTF {t['real_time_factor']:.3f}"
           f" {t['flops'] / 1e9:9.2f} {t['flops_per_s'] / 1e9:8.1f} {100 * t['ceiling_fraction']:6.1f}%"
-          f" {format_bytes(t['peak_memory_bytes']):>9}  {t['x_flop_bound']:.2f}x FLOP-bound")
+          f" {format_bytes(t['peak_memory_bytes']):>9}  {t['x_flop_bound']:.2f}x FLOP-bound"
+          f"  {_steal(max_steal(list(row['components'].values())))}")
 
 
 def print_training_row(row: dict[str, Any]) -> None:
@@ -534,16 +550,19 @@ def print_training_row(row: dict[str, Any]) -> None:
     print(f"{head} {_ms(row['median_s'])}"
           f" [{_ms(row['min_s']).strip()}-{_ms(row['max_s']).strip()}] {row['samples_per_s']:8.3f}"
           f" {row['flops'] / 1e9:9.1f} {row['flops_per_s'] / 1e9:8.1f} {100 * row['ceiling_fraction']:6.1f}%"
-          f" {format_bytes(row['peak_memory_bytes']):>9} {row['x_flop_bound']:6.2f}x"
+          f" {format_bytes(row['peak_memory_bytes']):>9} {row['x_flop_bound']:6.2f}x  {_steal(row['cpu_steal_fraction'])}"
           + ("  best batch" if row.get("best_batch") else ""))
 
 
 def print_report(report: dict[str, Any]) -> None:
     meta = report["meta"]
     print(f"# ConchShell benchmark: {meta['device_name']} ({meta['threads']} threads), torch {meta['torch']}")
-    print(f"load average at start/end: {meta['load_average_start']} / {meta['load_average_end']}")
+    print(f"load average at start/end: {meta['load_average_start']} / {meta['load_average_end']}; "
+          f"CPU time stolen by the hypervisor over the run: {_steal(meta['cpu_steal_fraction'])}"
+          " (each row gives its own: compare runs with little)")
     for name, rate in report["ceiling"]["used"].items():
-        readings = ", ".join(f"{m[name]['flops_per_s'] / 1e9:.1f}" for m in report["ceiling"]["measurements"])
+        readings = ", ".join(f"{m[name]['flops_per_s'] / 1e9:.1f} ({_steal(m[name]['cpu_steal_fraction'])})"
+                             for m in report["ceiling"]["measurements"])
         size = report["ceiling"]["measurements"][0][name]["size"]
         print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s "
               f"({size}^3 matmul; best of the readings at start, middle, end: {readings})")
@@ -656,20 +675,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_start = os.getloadavg()
-    size = args.ceiling_size or (8192 if device.type == "cuda" else 2048)
-    first = measure_ceilings(device, size)
-    print(f"[ceiling] fp32 {first['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-          f"bf16 {first['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
-    inference = run_inference(args, device) if args.levels else {"inference": [], "bf16_vs_fp32_audio": []}
-    # A reading between the parts as well: on a shared VM one reading in three or four came
-    # out at half the rate, and a run with two low readings would flatter every fraction.
-    middle = measure_ceilings(device, size)
-    training = run_training(args, device) if args.train_levels else []
-    cache = run_feature_cache(args, device, inference["inference"], training)
-    last = measure_ceilings(device, size)
-    readings = [first, middle, last]
-    rates = best_ceilings(*readings)
-    apply_ceilings(inference["inference"], training, rates)
+    with CpuSteal() as run_steal:
+        size = args.ceiling_size or (8192 if device.type == "cuda" else 2048)
+        first = measure_ceilings(device, size)
+        print(f"[ceiling] fp32 {first['fp32']['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"bf16 {first['bf16']['flops_per_s'] / 1e9:.1f} GFLOP/s", file=sys.stderr, flush=True)
+        inference = run_inference(args, device) if args.levels else {"inference": [], "bf16_vs_fp32_audio": []}
+        # A reading between the parts as well: on a shared VM one reading in three or four came
+        # out at half the rate, and a run with two low readings would flatter every fraction.
+        middle = measure_ceilings(device, size)
+        training = run_training(args, device) if args.train_levels else []
+        cache = run_feature_cache(args, device, inference["inference"], training)
+        last = measure_ceilings(device, size)
+        readings = [first, middle, last]
+        rates = best_ceilings(*readings)
+        apply_ceilings(inference["inference"], training, rates)
     report = {
         "meta": {
             "device": args.device,
@@ -683,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             # Other work on the machine slows every figure: check these before comparing runs.
             "load_average_start": [round(x, 2) for x in load_start],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "cpu_steal_fraction": run_steal.fraction,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "notes": "Seeded weights (no checkpoints). Chain totals = sum of component medians. "
                      "ceiling = best matmul rate of the readings at the start, after inference "

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import conchshell.utils.benchmark as benchmark_utils
 from conchshell.utils.benchmark import (
+    CpuSteal,
     PeakMemory,
+    parse_steal_ticks,
     count_flops,
     matmul_ceiling,
     time_call,
@@ -45,6 +48,37 @@ def test_time_call_runs_warmup_then_repeats_and_keeps_last_result():
     assert 0.002 <= timing.min <= timing.median <= timing.max
     with pytest.raises(ValueError):
         time_call(work, CPU, repeats=0)
+
+
+def test_steal_ticks_are_read_from_the_aggregate_cpu_line_without_guest_columns():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    text = "cpu  100 5 40 800 10 1 2 42 30 0\ncpu0 50 2 20 400 5 0 1 21 15 0\nintr 1 2\n"
+    assert parse_steal_ticks(text) == (42, 1000)
+    assert parse_steal_ticks("cpu0 1 2 3 4 5 6 7 8\n") is None  # no aggregate line first
+    assert parse_steal_ticks("cpu  1 2 3 4 5 6 7\n") is None  # kernel without a steal column
+
+
+def test_cpu_steal_is_the_stolen_share_of_the_ticks_that_passed(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(benchmark_utils, "_PROC_STAT", stat)
+    stat.write_text("cpu  100 0 0 900 0 0 0 0\n")
+    with CpuSteal() as steal:
+        stat.write_text("cpu  250 0 0 1000 0 0 0 50\n")  # 300 ticks passed, 50 stolen
+    assert steal.fraction == pytest.approx(50 / 300)
+    with CpuSteal() as unchanged:
+        pass
+    assert unchanged.fraction is None  # no tick passed: nothing to divide
+    stat.unlink()
+    with CpuSteal() as missing:
+        pass
+    assert missing.fraction is None
+
+
+def test_time_call_records_the_steal_of_its_timed_repeats_where_the_system_reports_it():
+    timing = time_call(lambda: time.sleep(0.02), CPU, repeats=2, warmup=0)
+    if Path("/proc/stat").exists():
+        assert 0 <= timing.cpu_steal_fraction <= 1
+    assert "cpu_steal_fraction" in timing.to_dict()
 
 
 def test_peak_memory_sees_a_large_torch_allocation_even_where_freed_memory_is_kept():
@@ -134,6 +168,7 @@ def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
     assert "Inference" in printed and "GAN training step" in printed and "Feature cache" in printed
 
     assert set(report["ceiling"]["used"]) == {"fp32", "bf16"}
+    assert "cpu_steal_fraction" in report["meta"] and "steal" in printed
     assert all(rate > 0 for rate in report["ceiling"]["used"].values())
 
     (row,) = report["inference"]
@@ -154,6 +189,7 @@ def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
     for step in report["training"]:
         assert step["batch_size"] == 2 and step["flops"] > 0
         assert step["samples_per_s"] == pytest.approx(2 / step["median_s"])
+        assert "cpu_steal_fraction" in step
 
     cache = report["feature_cache"]
     assert cache["frontend_s_per_image"] > cache["cache_load_s_per_image"] > 0
