@@ -6,7 +6,7 @@ steps, and the frozen-feature cache.
 
 In one run, after warm-up, with median/min/max over repeats:
 
-* the ceiling: large fp32 and bf16 matmul rates (FLOP/s);
+* the ceiling: large fp32 and bf16 matmul rates (FLOP/s), and a large copy's bandwidth;
 * image -> wav inference for each level, per component (TCNN time features, TCNN class,
   I3D, generator, quantise, decode), per batch size, in fp32 and bf16 autocast: seconds,
   real-time factor (seconds per second of audio), peak memory, and achieved FLOP/s as a
@@ -73,6 +73,7 @@ from conchshell.utils.precision import autocast_for  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
     CpuSteal,
     Timing,
+    copy_bandwidth,
     count_flops,
     format_bytes,
     matmul_ceiling,
@@ -493,14 +494,17 @@ def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any
 
 
 def measure_ceilings(device: torch.device, size: int) -> dict[str, dict[str, Any]]:
+    """The matmul rate per precision, and the copy bandwidth (``copy``)."""
     return {"fp32": matmul_ceiling(device, torch.float32, size),
-            "bf16": matmul_ceiling(device, torch.bfloat16, size)}
+            "bf16": matmul_ceiling(device, torch.bfloat16, size),
+            "copy": copy_bandwidth(device)}
 
 
 def best_ceilings(*measurements: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Best rate per precision over the measurements (start, middle and end of the run): on a
-    shared machine the lower readings are the contended ones, not the hardware's limit."""
-    return {name: max(m[name]["flops_per_s"] for m in measurements) for name in measurements[0]}
+    """Best matmul rate per precision over the measurements (start, middle and end of the
+    run): on a shared machine the lower readings are the contended ones, not the hardware's
+    limit."""
+    return {name: max(m[name]["flops_per_s"] for m in measurements) for name in ("fp32", "bf16")}
 
 
 # ----------------------------------------------------------------------- reporting
@@ -566,6 +570,10 @@ def print_report(report: dict[str, Any]) -> None:
         size = report["ceiling"]["measurements"][0][name]["size"]
         print(f"ceiling {name}: {rate / 1e9:.1f} GFLOP/s "
               f"({size}^3 matmul; best of the readings at start, middle, end: {readings})")
+    copies = ", ".join(f"{m['copy']['bytes_per_s'] / 1e9:.1f} ({_steal(m['copy']['cpu_steal_fraction'])})"
+                       for m in report["ceiling"]["measurements"])
+    print(f"copy bandwidth (read + written, {format_bytes(report['ceiling']['measurements'][0]['copy']['bytes'])}"
+          f" buffer; the memory-bound passes' limit, it moves with other guests' traffic): {copies} GB/s")
     if report["inference"]:
         print("\n## Inference (ms: median [min-max]; GFLOP counted; GFLOP/s; % of same-precision ceiling; "
               "peak memory; * = frontend shared across levels)")

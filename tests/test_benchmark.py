@@ -15,9 +15,10 @@ import conchshell.utils.benchmark as benchmark_utils
 from conchshell.utils.benchmark import (
     CpuSteal,
     PeakMemory,
-    parse_steal_ticks,
+    copy_bandwidth,
     count_flops,
     matmul_ceiling,
+    parse_steal_ticks,
     time_call,
 )
 
@@ -133,6 +134,13 @@ def test_matmul_ceiling_reports_a_positive_rate():
     assert ceiling["flops_per_s"] >= ceiling["median_flops_per_s"] > 0
 
 
+def test_copy_bandwidth_counts_the_bytes_read_and_written():
+    reading = copy_bandwidth(CPU, num_bytes=2**20, repeats=3, warmup=1)
+    assert reading["bytes"] == 2**20 and len(reading["seconds"]) == 3
+    assert reading["bytes_per_s"] == pytest.approx(2 * 2**20 / min(reading["seconds"]))
+    assert reading["bytes_per_s"] >= reading["median_bytes_per_s"] > 0
+
+
 def test_audio_difference_is_zero_for_identical_audio_and_grows_with_noise():
     script = load_script()
     config = script.offline_config("tiny")
@@ -169,6 +177,7 @@ def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
 
     assert set(report["ceiling"]["used"]) == {"fp32", "bf16"}
     assert "cpu_steal_fraction" in report["meta"] and "steal" in printed
+    assert all(m["copy"]["bytes_per_s"] > 0 for m in report["ceiling"]["measurements"])
     assert all(rate > 0 for rate in report["ceiling"]["used"].values())
 
     (row,) = report["inference"]

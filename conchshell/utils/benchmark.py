@@ -255,6 +255,25 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, repeats:
     }
 
 
+def copy_bandwidth(device: torch.device, num_bytes: int = 256 * 2**20, repeats: int = 5,
+                   warmup: int = 2) -> dict[str, Any]:
+    """Bytes/s (read + written) of copying one large contiguous buffer into another: the
+    ceiling of the memory-bound passes (copies, activations, casts). Best over repeats, the
+    median kept too. On a shared VM it moves with the neighbours' traffic, which the CPU
+    steal does not show (one 2-core VM: 44 GB/s in one hour, 33-36 the next)."""
+    source = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    timing = time_call(lambda: target.copy_(source), device, repeats, warmup)
+    moved = 2 * num_bytes
+    return {
+        "bytes": num_bytes,
+        "seconds": timing.seconds,
+        "bytes_per_s": moved / timing.min,
+        "median_bytes_per_s": moved / timing.median,
+        "cpu_steal_fraction": timing.cpu_steal_fraction,
+    }
+
+
 def format_bytes(num_bytes: int | None) -> str:
     if num_bytes is None:
         return "-"
