@@ -260,7 +260,7 @@ def copy_bandwidth(device: torch.device, num_bytes: int = 256 * 2**20, repeats: 
     """Bytes/s (read + written) of copying one large contiguous buffer into another: the
     ceiling of the memory-bound passes (copies, activations, casts). Best over repeats, the
     median kept too. On a shared VM it moves with the neighbours' traffic, which the CPU
-    steal does not show (one 2-core VM: 44 GB/s in one hour, 33-36 the next)."""
+    steal does not show (one 2-core VM: 44 GB/s in one hour, 22-35 the next)."""
     source = torch.ones(num_bytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     timing = time_call(lambda: target.copy_(source), device, repeats, warmup)
