@@ -1,6 +1,8 @@
 """Algorithm 1: channel groupings, frame order and repetition, and the TCNN shortcut."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -113,9 +115,12 @@ def test_bad_inputs_are_rejected() -> None:
         block_to_frame(torch.randn(16, 4, 4))
 
 
-@pytest.mark.parametrize("cls", [TCNN6, TCNN18])
-@pytest.mark.parametrize("grouping", ["even", "original"])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+# Both TCNNs, both frame groupings, both memory layouts.
+EVERY_TCNN_GROUPING_AND_LAYOUT = pytest.mark.parametrize("cls,grouping,layout", list(itertools.product(
+    [TCNN6, TCNN18], ["even", "original"], [torch.contiguous_format, torch.channels_last])))
+
+
+@EVERY_TCNN_GROUPING_AND_LAYOUT
 def test_image_to_pseudo_video_matches_the_two_step_path(cls: type, grouping: str,
                                                          layout: torch.memory_format) -> None:
     # Channels-last images take the one-product path for the last two frames.
@@ -137,9 +142,7 @@ def _chain_frames(model: torch.nn.Module, images: torch.Tensor, grouping: str = 
         return image_to_block_frames(model, images, grouping=grouping)
 
 
-@pytest.mark.parametrize("cls", [TCNN6, TCNN18])
-@pytest.mark.parametrize("grouping", ["even", "original"])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@EVERY_TCNN_GROUPING_AND_LAYOUT
 def test_composed_filter_frames_match_the_convolutions(cls: type, grouping: str,
                                                        layout: torch.memory_format) -> None:
     torch.manual_seed(0)
