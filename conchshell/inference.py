@@ -50,8 +50,8 @@ from conchshell.models.codec import AudioCodec
 from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
 from conchshell.models.generator import ConchShellGenerator, freeze_for_inference
-from conchshell.utils.precision import (autocast_for, bf16_supported, check_precision, frontend_precision,
-                                         synthesis_precision)
+from conchshell.utils.precision import (autocast_for, bf16_supported, bf16_unsupported_reason, check_precision,
+                                         frontend_precision, synthesis_precision)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CROSSFADE_SECONDS = 0.5
@@ -146,7 +146,7 @@ class ImageToMusic:
         self.device = resolve_device(device)
         check_precision(precision, "ImageToMusic", INFERENCE_PRECISIONS)
         if precision != "fp32" and not bf16_supported(self.device):
-            raise ConfigError(f"bf16 is not supported on {self.device}; use fp32")
+            raise ConfigError(f"precision {precision}: {bf16_unsupported_reason(self.device)}; use fp32")
         # bf16 autocast covers the frontend, the generator and the decoder ("mixed": the frontend
         # only); the nearest-code search always runs in fp32 (in bf16 it flips codes).
         self.precision = precision

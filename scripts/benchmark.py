@@ -69,7 +69,7 @@ from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
 from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
-from conchshell.utils.precision import autocast_for  # noqa: E402
+from conchshell.utils.precision import autocast_for, bf16_supported, bf16_unsupported_reason  # noqa: E402
 from conchshell.utils.benchmark import (  # noqa: E402
     CpuSteal,
     Timing,
@@ -90,6 +90,7 @@ LEVEL_CONFIGS = {
 COMPONENTS = ("tcnn_time_features", "tcnn_class", "i3d", "generator", "quantise", "decode")
 FRONTEND_COMPONENTS = COMPONENTS[:3]
 SYNTHESIS_COMPONENTS = COMPONENTS[3:]
+EMULATED_BF16_CEILING_SIZE = 512
 
 
 # --------------------------------------------------------------------------- setup
@@ -196,11 +197,11 @@ def measure_generation(generator: torch.nn.Module, codec: AudioCodec, features: 
 
 
 def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_seconds: float,
-                  ceiling: float, bf16_ceiling: float) -> dict[str, Any]:
+                  ceiling: float, bound_rate: float) -> dict[str, Any]:
     """Totals of one image -> wav chain: sums of the component medians and FLOPs."""
     seconds = sum(c["median_s"] for c in components.values())
     flops = sum(c["flops"] for c in components.values())
-    flop_bound = flops / bf16_ceiling
+    flop_bound = flops / bound_rate
     return {
         "seconds": seconds,
         "real_time_factor": seconds / (batch * clip_seconds),
@@ -208,7 +209,7 @@ def chain_summary(components: dict[str, dict[str, Any]], batch: int, clip_second
         "flops": flops,
         "flops_per_s": flops / seconds,
         "ceiling_fraction": flops / seconds / ceiling,
-        # The issue's target: time relative to all FLOPs at the measured bf16 matmul rate.
+        # The issue's target: time relative to all FLOPs at the machine's fastest matmul rate.
         "flop_bound_s": flop_bound,
         "x_flop_bound": seconds / flop_bound,
         "peak_memory_bytes": max((c["peak_memory_bytes"] or 0) for c in components.values()),
@@ -380,7 +381,9 @@ def run_training(args: argparse.Namespace, device: torch.device) -> list[dict[st
     rows = []
     for level in args.train_levels:
         config = offline_config(level)
-        for precision in args.train_precisions or [config.train.precision]:
+        # As the trainer runs it: fp32 where bf16 has no kernels (GanStage falls back, and says so).
+        requested = args.train_precisions or [config.train.precision]
+        for precision in dict.fromkeys(p if bf16_supported(device) else "fp32" for p in requested):
             fitting: list[dict[str, Any]] = []
             for batch in args.train_batch or [config.train.batch_size]:
                 row = {"level": level, "config": LEVEL_CONFIGS[level], "batch_size": batch, "precision": precision}
@@ -477,8 +480,10 @@ def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any
     """Add ceiling fractions and FLOP-bound ratios to every row, in place.
 
     ceiling_fraction compares with the matmul ceiling of the row's own precision;
-    x_flop_bound is time / (FLOPs / bf16 matmul rate), the issue's target measure.
+    x_flop_bound is time / (FLOPs / the fastest matmul rate), the issue's target measure:
+    the bf16 rate where bf16 has kernels, the fp32 rate where it is emulated.
     """
+    bound_rate = max(rates["fp32"], rates["bf16"])
     for row in inference:
         # A mixed chain's total is compared with the bf16 ceiling, each component with its own.
         ceiling = rates["bf16" if row["precision"] == "mixed" else row["precision"]]
@@ -486,17 +491,20 @@ def apply_ceilings(inference: list[dict[str, Any]], training: list[dict[str, Any
             own = rates[component.get("precision", row["precision"])]
             component["ceiling_fraction"] = component["flops_per_s"] / own
         row["total"] = chain_summary(row["components"], row["batch_size"], row["clip_seconds"],
-                                     ceiling, rates["bf16"])
+                                     ceiling, bound_rate)
     for row in fitting_rows(training):
         row["ceiling_fraction"] = row["flops_per_s"] / rates[row["precision"]]
-        row["flop_bound_s"] = row["flops"] / rates["bf16"]
+        row["flop_bound_s"] = row["flops"] / bound_rate
         row["x_flop_bound"] = row["median_s"] / row["flop_bound_s"]
 
 
 def measure_ceilings(device: torch.device, size: int) -> dict[str, dict[str, Any]]:
-    """The matmul rate per precision, and the copy bandwidth (``copy``)."""
+    """The matmul rate per precision, and the copy bandwidth (``copy``). Where bf16 has no
+    kernels its matmul is read at a size it finishes quickly (512: a 2048 one takes about
+    20 s at the 1 GFLOP/s of the scalar fallback)."""
+    bf16_size = size if bf16_supported(device) else min(size, EMULATED_BF16_CEILING_SIZE)
     return {"fp32": matmul_ceiling(device, torch.float32, size),
-            "bf16": matmul_ceiling(device, torch.bfloat16, size),
+            "bf16": matmul_ceiling(device, torch.bfloat16, bf16_size),
             "copy": copy_bandwidth(device)}
 
 
@@ -590,7 +598,7 @@ def print_report(report: dict[str, Any]) -> None:
                   f"PESQ {_score(c['pesq'])}  STOI {_score(c['stoi'])}")
     if report["training"]:
         print("\n## GAN training step (ms median [min-max]; samples/s; GFLOP; GFLOP/s; % ceiling; "
-              "peak memory; x FLOP-bound at bf16 rate)")
+              "peak memory; x FLOP-bound at the fastest matmul rate)")
         for row in report["training"]:
             print_training_row(row)
     cache = report.get("feature_cache")
@@ -634,14 +642,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--levels", type=_csv(str, levels), default=["deep", "low", "high"],
                         help="inference levels (default deep,low,high)")
     parser.add_argument("--batch-sizes", type=_csv(int), default=None, help="inference batch sizes (default 1,4)")
-    parser.add_argument("--precisions", type=_csv(str, PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--precisions", type=_csv(str, PRECISIONS), default=None,
+                        help="inference precisions (default fp32,bf16; fp32 alone where bf16 has no kernels)")
     parser.add_argument("--repeats", type=int, default=None, help="timed inference repeats (default 3)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed runs after the FLOP-counting run (default 1)")
     parser.add_argument("--train-levels", type=_csv(str, levels), default=["deep", "low", "high", "tiny"])
     parser.add_argument("--train-precisions", type=_csv(str, PRECISIONS), default=None,
                         help="training precisions (default: each config's train.precision, "
-                             "bf16 for the paper's levels, fp32 for tiny)")
+                             "bf16 for the paper's levels, fp32 for tiny; fp32 where bf16 has no kernels)")
     parser.add_argument("--train-batch", type=_csv(int), default=None,
                         help="training batch sizes, e.g. 2,4,8,16 on a GPU: tried in order until one "
                              "does not fit in memory; the fastest is marked (default: the config's)")
@@ -678,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    bf16_kernels = bf16_supported(device)
+    if args.precisions is None:
+        args.precisions = list(PRECISIONS) if bf16_kernels else ["fp32"]
+    if not bf16_kernels:
+        print(f"[bf16] {bf16_unsupported_reason(device)}: inference in {','.join(args.precisions)}, "
+              f"training in fp32, the FLOP bound at the fp32 rate", file=sys.stderr, flush=True)
     keeps_freed_memory = keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -705,6 +720,9 @@ def main(argv: list[str] | None = None) -> int:
             "threads": torch.get_num_threads(),
             # As the entry points run: freed CPU memory kept for reuse (conchshell.utils.host_memory).
             "keep_freed_memory": keeps_freed_memory,
+            # False: bf16 runs through torch's scalar fallbacks here (about 100x slower than fp32).
+            "bf16_kernels": bf16_kernels,
+            "flop_bound_precision": max(("fp32", "bf16"), key=rates.get),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -717,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                      "ceiling = best matmul rate of the readings at the start, after inference "
                      "and at the end of the run; "
                      "ceiling_fraction is against the same precision's ceiling; x_flop_bound "
-                     "is time / (FLOPs / bf16 matmul rate). CPU peak memory = rise of the process "
+                     "is time / (FLOPs / the fastest matmul rate: bf16's where it has kernels, "
+                     "else fp32's). CPU peak memory = rise of the process "
                      "high-water RSS during the timed runs.",
         },
         "ceiling": {"used": rates, "measurements": readings},

@@ -162,7 +162,7 @@ def test_audio_difference_is_zero_for_identical_audio_and_grows_with_noise():
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
-def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
+def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys, as_if_bf16_kernels):
     script = load_script()
     out = tmp_path / "bench.json"
     code = script.main([
@@ -204,6 +204,32 @@ def test_smoke_run_on_tiny_writes_complete_json(tmp_path, capsys):
     assert cache["frontend_s_per_image"] > cache["cache_load_s_per_image"] > 0
     assert [e["level"] for e in cache["epoch"]] == ["tiny", "tiny"]
     assert all(e["epoch_speedup"] > 1 for e in cache["epoch"])
+
+
+@pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
+def test_without_bf16_kernels_the_run_is_fp32_and_bounded_by_the_fp32_rate(tmp_path, capsys, as_if_no_bf16_kernels):
+    script = load_script()
+    out = tmp_path / "bench.json"
+    assert script.main(["--levels", "tiny", "--batch-sizes", "1", "--repeats", "1", "--warmup", "0",
+                        "--train-levels", "tiny", "--train-precisions", "bf16", "--train-repeats", "1",
+                        "--ceiling-size", "1024", "--cache-files", "2", "--json", str(out)]) == 0
+    assert "this CPU has no bf16 kernels" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["meta"]["bf16_kernels"] is False
+    assert [row["precision"] for row in report["inference"]] == ["fp32"]
+    assert [row["precision"] for row in report["training"]] == ["fp32"]
+    # The bf16 ceiling is still read, at the small size the scalar fallback finishes quickly.
+    assert all(m["bf16"]["size"] == script.EMULATED_BF16_CEILING_SIZE for m in report["ceiling"]["measurements"])
+
+
+def test_the_flop_bound_is_taken_at_the_fastest_matmul_rate():
+    script = load_script()
+    for rates, bound_rate in (({"fp32": 2e10, "bf16": 4e10}, 4e10), ({"fp32": 1.3e11, "bf16": 1e9}, 1.3e11)):
+        step = {"precision": "fp32", "flops": 1e12, "median_s": 20.0, "flops_per_s": 5e10}
+        script.apply_ceilings([], [step], rates)
+        assert step["flop_bound_s"] == pytest.approx(1e12 / bound_rate)
+        assert step["x_flop_bound"] == pytest.approx(20.0 / (1e12 / bound_rate))
+        assert step["ceiling_fraction"] == pytest.approx(5e10 / rates["fp32"])
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
@@ -262,7 +288,7 @@ def test_mixed_chain_takes_the_fp32_rows_synthesis_and_its_own_ceiling_per_compo
 
 
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
-def test_mixed_audio_is_what_inference_generates_with_mixed_precision():
+def test_mixed_audio_is_what_inference_generates_with_mixed_precision(as_if_bf16_kernels):
     from conchshell.inference import ImageToMusic
     from conchshell.models.generator import freeze_for_inference
 
@@ -279,6 +305,7 @@ def test_mixed_audio_is_what_inference_generates_with_mixed_precision():
     torch.testing.assert_close(audio[:, 0].float().clamp(-1, 1), expected)
 
 
+@pytest.mark.needs_bf16_kernels
 @pytest.mark.filterwarnings("ignore:codec.checkpoint is null")
 def test_bf16_mixed_and_the_fp32_floor_are_each_compared_with_the_fp32_audio():
     script = load_script()

@@ -89,6 +89,7 @@ def test_python_api_generates_clip_of_config_length(model, tiny_config, tmp_path
         assert model.prepare(pil.copy()).equal(model.prepare(image))
 
 
+@pytest.mark.needs_bf16_kernels
 @pytest.mark.parametrize("precision, synthesis_dtype", [("bf16", torch.bfloat16), ("mixed", torch.float32)])
 def test_bf16_and_mixed_run_the_image_networks_in_bf16_and_the_code_search_in_fp32(
         model, tiny_config, tmp_path, precision, synthesis_dtype):
@@ -127,7 +128,8 @@ def test_bf16_and_mixed_run_the_image_networks_in_bf16_and_the_code_search_in_fp
     assert cli.parse_args([]).precision == "fp32"
 
 
-def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_same_audio(model, export, tmp_path):
+def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_same_audio(model, export,
+                                                                                         as_if_bf16_kernels):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         loaded = ImageToMusic.from_checkpoint(export, device="cpu", precision="bf16")
@@ -140,15 +142,23 @@ def test_from_checkpoint_freezes_its_own_generator_for_the_precision_with_the_sa
     # The same export, unfrozen for bf16 (fp32 weights cast by autocast on every call): same
     # samples when the frozen one's FFT layers run as plain convolutions too.
     autocast_only = ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="bf16")
-    image = make_image(tmp_path / "sea.png")
+    features, class_ids = torch.rand(1, 2048, generator=torch.Generator().manual_seed(0)), torch.tensor([2])
     with direct_convolutions():
-        assert np.array_equal(loaded.generate(image)[0], autocast_only.generate(image)[0])
+        assert torch.equal(loaded.generate_from_features(features, class_ids)[0],
+                           autocast_only.generate_from_features(features, class_ids)[0])
     # "mixed" keeps the generator it freezes in fp32.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         mixed = ImageToMusic.from_checkpoint(export, device="cpu", precision="mixed")
     assert all(m.weight.dtype == torch.float32 for m in mixed.generator.modules()
                if isinstance(m, (torch.nn.Conv1d, torch.nn.Linear)))
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_one_error_naming_the_cpu(model, as_if_no_bf16_kernels):
+    for precision in ("bf16", "mixed"):
+        with pytest.raises(ConfigError, match=f"precision {precision}: this CPU has no bf16 kernels .*; use fp32"):
+            ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision=precision)
+    ImageToMusic(model.generator, model.frontend, model.codec, model.config, "cpu", precision="fp32")
 
 
 def test_class_override_reaches_generator_and_prediction_is_kept(model, tmp_path):

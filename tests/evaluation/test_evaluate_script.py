@@ -177,6 +177,7 @@ def test_checkpoint_mode_generates_scores_and_rescores_identically(tmp_path, cap
         assert rescored["systems"]["generated"][key] == report["systems"]["generated"][key]
 
 
+@pytest.mark.needs_bf16_kernels
 def test_checkpoint_mode_generates_at_the_requested_precision(tmp_path, monkeypatch):
     config = load_config(ROOT / "configs" / "tiny.yaml")
     export = save_generator_export(tmp_path / "G.pt", build_generator_from_config(config), config, step=1)

@@ -262,7 +262,16 @@ def test_generator_terms_match_the_joint_forwards_values_and_gradients():
         stage.generator_terms(fake, real, batch["audio"], None, classes)
 
 
-def test_bf16_judge_keeps_feature_maps_in_bf16_and_gives_float32_scores():
+def test_bf16_on_a_cpu_without_bf16_kernels_trains_in_fp32_and_says_so(as_if_no_bf16_kernels):
+    with pytest.warns(UserWarning, match="train.precision bf16: this CPU has no bf16 kernels .*; training in fp32"):
+        stage = fresh_gan_stage(tiny("train.precision=bf16"))
+    assert not stage.use_bf16
+    batch = synthetic_batch(stage.config)
+    outputs = stage.judge(stage.discriminator, stage.real_latent(batch["audio"]), batch["class_id"])
+    assert all(t.dtype == torch.float32 for scale in outputs for t in scale)
+
+
+def test_bf16_judge_keeps_feature_maps_in_bf16_and_gives_float32_scores(as_if_bf16_kernels):
     stage = fresh_gan_stage(tiny("train.precision=bf16"))
     batch = synthetic_batch(stage.config)
     real = stage.real_latent(batch["audio"])
@@ -324,7 +333,7 @@ def test_audio_terms_and_commitment_share_one_code_search():
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
-def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32():
+def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32(as_if_bf16_kernels):
     stage = fresh_gan_stage(tiny("train.precision=bf16", "loss.lambda_g=0", "loss.lambda_fm=0"))
     batch = synthetic_batch(stage.config)
     features, classes = stage.conditioning(batch, "label")
@@ -347,7 +356,7 @@ def test_bf16_runs_decode_the_audio_terms_in_bf16_and_search_codes_in_fp32():
     assert fake.grad is not None and fake.grad.abs().sum() > 0
 
 
-def test_bf16_training_encodes_the_real_latent_in_bf16_unless_a_latent_term_reads_it():
+def test_bf16_training_encodes_the_real_latent_in_bf16_unless_a_latent_term_reads_it(as_if_bf16_kernels):
     stage = fresh_gan_stage(tiny("train.precision=bf16"))
     batch = synthetic_batch(stage.config)
     seen = []

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conchshell.errors import ConfigError
-from conchshell.utils.precision import (autocast_for, check_precision, frontend_precision,
-                                        synthesis_precision)
+from conchshell.utils import precision
+from conchshell.utils.precision import (autocast_for, bf16_supported, bf16_unsupported_reason, check_precision,
+                                        cpu_has_bf16_kernels, frontend_precision, synthesis_precision)
 
 
 def test_inference_precisions_split_into_the_frontends_and_the_synthesis_share():
@@ -31,3 +32,15 @@ def test_autocast_for_switches_matmul_dtype_only_for_bf16():
         assert (a @ a).dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision"):
         autocast_for(torch.device("cpu"), "fp16")
+
+
+def test_bf16_counts_as_supported_on_cpu_only_where_onednn_has_bf16_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    assert isinstance(cpu_has_bf16_kernels(), bool)
+    assert bf16_supported(cpu) == cpu_has_bf16_kernels()
+    for has_kernels in (True, False):
+        monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: has_kernels)
+        assert bf16_supported(cpu) is has_kernels
+    assert not bf16_supported(torch.device("meta"))
+    reason = bf16_unsupported_reason(cpu)
+    assert "no bf16 kernels" in reason and torch.backends.cpu.get_cpu_capability() in reason

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping
 
@@ -26,7 +27,7 @@ from conchshell.constants import IMAGE_MEAN, IMAGE_STD
 from conchshell.errors import ConchShellError, ConfigError
 from conchshell.training.distributed import DistInfo, all_reduce_mean
 from conchshell.training.logging import MetricsLogger
-from conchshell.utils.precision import bf16_supported, check_precision
+from conchshell.utils.precision import bf16_supported, bf16_unsupported_reason, check_precision
 
 Batch = dict[str, Any]
 
@@ -71,8 +72,12 @@ class Stage:
         self.device = dist_info.device
         precision = config.train.precision
         check_precision(precision, "train.precision")
-        # bf16 where the hardware has it; silently fp32 elsewhere (e.g. pre-Ampere GPUs).
+        # bf16 where the hardware runs it at speed; elsewhere (pre-Ampere GPUs, CPUs without
+        # oneDNN's bf16 kernels) fp32, said once, since a bf16 config then trains in fp32.
         self.use_bf16 = precision == "bf16" and bf16_supported(self.device)
+        if precision == "bf16" and not self.use_bf16 and dist_info.is_main:
+            warnings.warn(f"train.precision bf16: {bf16_unsupported_reason(self.device)}; training in fp32",
+                          stacklevel=2)
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, Optimizer] = {}
         self.schedulers: dict[str, LRScheduler] = {}
