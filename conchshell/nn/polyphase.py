@@ -33,9 +33,9 @@ from torch import Tensor
 
 from conchshell.nn.direct import RewrittenConv1d, compute_dtype
 
-# oneDNN's bf16 weight gradient of a grouped convolution is several times slower below this
-# many output channels per group (see :func:`_weight_grad_groups`).
-BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS = 16
+# oneDNN's weight gradient of a grouped convolution is several times slower below this many
+# output channels per group (see :func:`_weight_grad_groups`).
+WEIGHT_GRAD_MIN_GROUP_OUTPUTS = {torch.bfloat16: 16, torch.float32: 8}
 
 
 def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[tuple[int, int, bool]]:
@@ -104,17 +104,16 @@ def _merge_weight(grad: Tensor, stride: int, kernel: int) -> Tensor:
 
 def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> int:
     """Groups to compute the weight gradient with. Below
-    :data:`BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS` outputs per group, oneDNN's bf16 kernel is
-    several times slower than with fewer, wider groups, even counting the wasted products:
-    so adjacent groups are computed as one (the gradient's block diagonal is the layer's),
-    the fewest that reach the threshold. Deep batch of 4, 2 CPU cores: 512->1024 (8 per
-    group) 888 ms, as pairs 175 ms (float32: 241 ms plus casts); 1024->1024 (4 per group)
-    671 ms, in fours 148 ms (float32: 410 ms)."""
-    if dtype != torch.bfloat16:
-        return groups
+    :data:`WEIGHT_GRAD_MIN_GROUP_OUTPUTS` outputs per group, oneDNN's kernel is several
+    times slower than with fewer, wider groups, even counting the wasted products: so
+    adjacent groups are computed as one (the gradient's block diagonal is the layer's), the
+    fewest that reach the threshold. Deep batch of 4, 2 CPU cores: bf16 (AVX-512) 512->1024
+    (8 per group) 888 ms, as pairs 175 ms; 1024->1024 (4 per group) 671 ms, in fours 148 ms.
+    fp32 (AVX2): 1024->1024 744 ms, as pairs 336 ms, in fours 519 ms; 512->1024 760 ms, as
+    pairs 982 ms (so 8 per group stays)."""
+    threshold = WEIGHT_GRAD_MIN_GROUP_OUTPUTS.get(dtype, 1)
     combined = 1
-    while combined < groups and (group_outputs * combined < BF16_WEIGHT_GRAD_MIN_GROUP_OUTPUTS
-                                 or groups % combined):
+    while combined < groups and (group_outputs * combined < threshold or groups % combined):
         combined += 1
     return groups // combined
 
@@ -129,6 +128,22 @@ def _block_diagonal(grad: Tensor, groups: int, combined_groups: int) -> Tensor:
     blocks = grad.view(combined_groups, per, out_channels // groups, per, wide_inputs // per, taps)
     diagonal = torch.diagonal(blocks, dim1=1, dim2=3)  # [G', O/g, C/g, taps, per]
     return diagonal.permute(0, 4, 1, 2, 3).reshape(out_channels, wide_inputs // per, taps)
+
+
+def _input_grad_as_convolution(grad_out: Tensor, split_weight: Tensor, groups: int) -> Tensor:
+    """The input gradient of the stride-1 phase-split convolution as a forward convolution:
+    ``grad_out``, zero-padded by ``taps - 1`` on both sides, with each group's kernel
+    transposed (inputs and outputs swapped) and flipped. The same products as oneDNN's
+    backward-data kernel, which runs grouped float32 layers at a third of its forward rate on
+    AVX2 (Deep batch of 4, 2 cores: 32->128 4.2 -> 1.5 s, 128->512 3.3 -> 1.6 s, 512->1024
+    2.8 -> 1.1 s, 1024->1024 1.1 -> 0.5 s, the padding copy included; a padding argument
+    instead of the copy was 5-30 % slower). In bf16 on AVX-512 it was no faster, so bf16
+    keeps the backward-data kernel."""
+    out_channels, group_inputs, taps = split_weight.shape
+    kernel = (split_weight.view(groups, out_channels // groups, group_inputs, taps).transpose(1, 2)
+              .reshape(groups * group_inputs, out_channels // groups, taps).flip(-1))
+    with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        return F.conv1d(F.pad(grad_out, (taps - 1, taps - 1)), kernel, groups=groups)
 
 
 class _PolyphaseConv1d(torch.autograd.Function):
@@ -160,7 +175,10 @@ class _PolyphaseConv1d(torch.autograd.Function):
 
         grad_x = grad_weight = grad_bias = None
         if need_x:
-            grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
+            if phases.dtype == torch.float32:
+                grad_phases = _input_grad_as_convolution(grad_out, split_weight, groups)
+            else:
+                grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
             grad_x = _merge(grad_phases, length, stride, padding, x_dtype)
         need_bias = need_bias and has_bias
         if need_weight or need_bias:

@@ -12,6 +12,9 @@ from conchshell.nn.polyphase import PolyphaseConv1d, _weight_grad_groups, polyph
 from conchshell.utils.profile import count_macs
 
 
+# float64 takes oneDNN's backward-data kernel for the input gradient, float32 the flipped
+# forward convolution; 3 outputs per group: float32's weight gradient takes groups together.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("stride, kernel, padding, groups, length", [
     (4, 41, 20, 8, 1000),   # the discriminator's strided layers
     (4, 41, 20, 8, 1003),   # a length that is not a whole number of phases
@@ -20,19 +23,20 @@ from conchshell.utils.profile import count_macs
     (3, 3, 2, 4, 10),
     (5, 2, 0, 1, 12),       # kernel shorter than the stride: samples skipped
 ])
-def test_equals_the_direct_convolution_with_gradients(stride, kernel, padding, groups, length):
+def test_equals_the_direct_convolution_with_gradients(stride, kernel, padding, groups, length, dtype):
     torch.manual_seed(0)
-    x = torch.randn(2, 4 * groups, length, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3 * groups, 4, kernel, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(3 * groups, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4 * groups, length, dtype=dtype, requires_grad=True)
+    weight = torch.randn(3 * groups, 4, kernel, dtype=dtype, requires_grad=True)
+    bias = torch.randn(3 * groups, dtype=dtype, requires_grad=True)
+    tolerance = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
     expected = F.conv1d(x, weight, bias, stride=stride, padding=padding, groups=groups)
     upstream = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)
     result = polyphase_conv1d(x, weight, bias, stride, padding, groups)
     assert result.shape == expected.shape
-    torch.testing.assert_close(result, expected)
+    torch.testing.assert_close(result, expected, **tolerance)
     for grad, expected_grad in zip(torch.autograd.grad(result, (x, weight, bias), upstream), expected_grads):
-        torch.testing.assert_close(grad, expected_grad)
+        torch.testing.assert_close(grad, expected_grad, **tolerance)
 
 
 def test_too_short_input_is_an_error():
@@ -107,4 +111,6 @@ def test_narrow_groups_take_their_weight_gradient_together():
     assert _weight_grad_groups(torch.bfloat16, 10, 5) == 2        # 4 does not divide 10: fives
     assert _weight_grad_groups(torch.bfloat16, 2, 1) == 1         # at most all groups as one
     assert _weight_grad_groups(torch.bfloat16, 3, 4) == 1
-    assert _weight_grad_groups(torch.float32, 256, 4) == 256
+    assert _weight_grad_groups(torch.float32, 256, 4) == 128      # 1024->1024 in fp32: pairs
+    assert _weight_grad_groups(torch.float32, 128, 8) == 128      # 512->1024 in fp32: as it is
+    assert _weight_grad_groups(torch.float64, 256, 4) == 256
