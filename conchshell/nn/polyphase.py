@@ -11,10 +11,12 @@ The discriminator's strided layers (k41 s4, 4 input channels per group) are wher
 pays: oneDNN runs such narrow groups far below the matmul rate and the phase-split form
 (16 channels per group, 11 taps) much faster. :func:`polyphase_conv1d` is one autograd
 function: the split and its inverse are one copy each way (written by hand: as
-pad + reshape + transpose, autograd made four copies), and where oneDNN's bf16
-weight-gradient kernel is slow (fewer than 16 output channels per group: the two widest
-layers) adjacent groups are computed as one and the gradient's diagonal blocks kept
-(:func:`_weight_grad_groups`). CUDA keeps the direct convolution: not measured there.
+pad + reshape + transpose, autograd made four copies), where oneDNN's weight-gradient
+kernel is slow (bf16 below 16 output channels per group, the two widest layers; float32
+below 8) adjacent groups are computed as one and the gradient's diagonal blocks kept
+(:func:`_weight_grad_groups`), and in float32 the input gradient is a forward convolution
+(:func:`_input_grad_as_convolution`: oneDNN's backward-data kernel is 2-2.5x slower on
+AVX2). CUDA keeps the direct convolution: not measured there.
 Measured on 2 CPU cores, batch 4 (the discriminator's real + fake batch), bf16, forward +
 backward per layer, direct -> phase split: 32->128 1832 -> 647 ms, 128->512 1769 -> 562 ms,
 512->1024 1365 -> 1079 ms, 1024->1024 569 -> 473 ms (before the hand-written function).
