@@ -16,7 +16,9 @@ kernel is slow (bf16 below 16 output channels per group, the two widest layers; 
 below 8) adjacent groups are computed as one and the gradient's diagonal blocks kept
 (:func:`_weight_grad_groups`), and in float32 the input gradient is a forward convolution
 (:func:`_input_grad_as_convolution`: oneDNN's backward-data kernel is 2-2.5x slower on
-AVX2). CUDA keeps the direct convolution: not measured there.
+AVX2). Float32 forward convolutions with fewer than 8 input or output channels per group
+(the last strided layer, both ways) run as half as many groups with block-diagonal kernels
+(:func:`_grouped_conv1d`). CUDA keeps the direct convolution: not measured there.
 Measured on 2 CPU cores, batch 4 (the discriminator's real + fake batch), bf16, forward +
 backward per layer, direct -> phase split: 32->128 1832 -> 647 ms, 128->512 1769 -> 562 ms,
 512->1024 1365 -> 1079 ms, 1024->1024 569 -> 473 ms (before the hand-written function).
@@ -38,6 +40,9 @@ from conchshell.nn.direct import RewrittenConv1d, compute_dtype
 # oneDNN's weight gradient of a grouped convolution is several times slower below this many
 # output channels per group (see :func:`_weight_grad_groups`).
 WEIGHT_GRAD_MIN_GROUP_OUTPUTS = {torch.bfloat16: 16, torch.float32: 8}
+# The same for forward convolutions, on the narrower of a group's inputs and outputs (see
+# :func:`_grouped_conv1d`; bf16 not measured, so left as it is).
+CONVOLUTION_MIN_GROUP_CHANNELS = {torch.float32: 8}
 
 
 def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[tuple[int, int, bool]]:
@@ -104,6 +109,16 @@ def _merge_weight(grad: Tensor, stride: int, kernel: int) -> Tensor:
     return grad.reshape(out_channels, split_channels // stride, taps * stride)[..., :kernel]
 
 
+def _combined_groups(groups: int, group_channels: int, threshold: int) -> int:
+    """The most groups, each a run of adjacent groups of a ``groups``-group convolution with
+    ``group_channels`` channels per group, that have at least ``threshold`` channels each
+    (all groups as one at most)."""
+    combined = 1
+    while combined < groups and (group_channels * combined < threshold or groups % combined):
+        combined += 1
+    return groups // combined
+
+
 def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> int:
     """Groups to compute the weight gradient with. Below
     :data:`WEIGHT_GRAD_MIN_GROUP_OUTPUTS` outputs per group, oneDNN's kernel is several
@@ -113,11 +128,7 @@ def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> 
     (8 per group) 888 ms, as pairs 175 ms; 1024->1024 (4 per group) 671 ms, in fours 148 ms.
     fp32 (AVX2): 1024->1024 744 ms, as pairs 336 ms, in fours 519 ms; 512->1024 760 ms, as
     pairs 982 ms (so 8 per group stays)."""
-    threshold = WEIGHT_GRAD_MIN_GROUP_OUTPUTS.get(dtype, 1)
-    combined = 1
-    while combined < groups and (group_outputs * combined < threshold or groups % combined):
-        combined += 1
-    return groups // combined
+    return _combined_groups(groups, group_outputs, WEIGHT_GRAD_MIN_GROUP_OUTPUTS.get(dtype, 1))
 
 
 def _block_diagonal(grad: Tensor, groups: int, combined_groups: int) -> Tensor:
@@ -132,6 +143,34 @@ def _block_diagonal(grad: Tensor, groups: int, combined_groups: int) -> Tensor:
     return diagonal.permute(0, 4, 1, 2, 3).reshape(out_channels, wide_inputs // per, taps)
 
 
+def _block_diagonal_weight(weight: Tensor, groups: int, combined_groups: int) -> Tensor:
+    """The kernel of ``combined_groups`` groups that computes what ``weight`` does with
+    ``groups``: each group's kernel on the diagonal of its run, zeros elsewhere (the inverse
+    of :func:`_block_diagonal`)."""
+    if combined_groups == groups:
+        return weight
+    out_channels, group_inputs, taps = weight.shape
+    per = groups // combined_groups
+    wide = weight.new_zeros((combined_groups, per, out_channels // groups, per, group_inputs, taps))
+    torch.diagonal(wide, dim1=1, dim2=3).copy_(
+        weight.view(combined_groups, per, out_channels // groups, group_inputs, taps).permute(0, 2, 3, 4, 1))
+    return wide.view(out_channels, per * group_inputs, taps)
+
+
+def _grouped_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """``F.conv1d(x, weight, bias, groups=groups)`` outside autocast. Below
+    :data:`CONVOLUTION_MIN_GROUP_CHANNELS` input or output channels per group, adjacent
+    groups run as one with a block-diagonal kernel: on AVX2 oneDNN runs the last strided
+    layer's 16-in/4-out groups at 9 GFLOP/s, as pairs at 33 (Deep batch of 4, 2 cores:
+    forward 655 -> 177 ms; its input gradient, 4-in/16-out, 231 -> 110 ms); fours were slower
+    than pairs, and 8 per group (512->1024) stays: 348 ms, as pairs 397."""
+    out_channels, group_inputs, _ = weight.shape
+    narrowest = min(group_inputs, out_channels // groups)
+    wide = _combined_groups(groups, narrowest, CONVOLUTION_MIN_GROUP_CHANNELS.get(weight.dtype, 1))
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.conv1d(x, _block_diagonal_weight(weight, groups, wide), bias, groups=wide)
+
+
 def _input_grad_as_convolution(grad_out: Tensor, split_weight: Tensor, groups: int) -> Tensor:
     """The input gradient of the stride-1 phase-split convolution as a forward convolution:
     ``grad_out``, zero-padded by ``taps - 1`` on both sides, with each group's kernel
@@ -144,8 +183,7 @@ def _input_grad_as_convolution(grad_out: Tensor, split_weight: Tensor, groups: i
     out_channels, group_inputs, taps = split_weight.shape
     kernel = (split_weight.view(groups, out_channels // groups, group_inputs, taps).transpose(1, 2)
               .reshape(groups * group_inputs, out_channels // groups, taps).flip(-1))
-    with torch.autocast(device_type=grad_out.device.type, enabled=False):
-        return F.conv1d(F.pad(grad_out, (taps - 1, taps - 1)), kernel, groups=groups)
+    return _grouped_conv1d(F.pad(grad_out, (taps - 1, taps - 1)), kernel, None, groups)
 
 
 class _PolyphaseConv1d(torch.autograd.Function):
@@ -157,8 +195,7 @@ class _PolyphaseConv1d(torch.autograd.Function):
         frames = out_length - 1 + -(-kernel // stride)
         phases = _split(x, stride, padding, frames, dtype)
         split_weight = _split_weight(weight, stride).to(dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.conv1d(phases, split_weight, None if bias is None else bias.to(dtype), groups=groups)
+        out = _grouped_conv1d(phases, split_weight, None if bias is None else bias.to(dtype), groups)
         ctx.save_for_backward(phases, split_weight)
         ctx.config = (length, kernel, stride, padding, groups, x.dtype, weight.dtype, bias is not None)
         return out

@@ -8,12 +8,14 @@ from torch import nn
 
 from conchshell.nn.layers import WNConv1d
 from conchshell.nn.direct import direct_convolutions
-from conchshell.nn.polyphase import PolyphaseConv1d, _weight_grad_groups, polyphase_conv1d
+from conchshell.nn.polyphase import (PolyphaseConv1d, _block_diagonal, _block_diagonal_weight, _grouped_conv1d,
+                                     _weight_grad_groups, polyphase_conv1d)
 from conchshell.utils.profile import count_macs
 
 
 # float64 takes oneDNN's backward-data kernel for the input gradient, float32 the flipped
-# forward convolution; 3 outputs per group: float32's weight gradient takes groups together.
+# forward convolution; 3 outputs per group: in float32 the weight gradient, the forward and
+# the input-gradient convolutions take groups together.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("stride, kernel, padding, groups, length", [
     (4, 41, 20, 8, 1000),   # the discriminator's strided layers
@@ -114,3 +116,37 @@ def test_narrow_groups_take_their_weight_gradient_together():
     assert _weight_grad_groups(torch.float32, 256, 4) == 128      # 1024->1024 in fp32: pairs
     assert _weight_grad_groups(torch.float32, 128, 8) == 128      # 512->1024 in fp32: as it is
     assert _weight_grad_groups(torch.float64, 256, 4) == 256
+
+
+@pytest.mark.parametrize("group_inputs, group_outputs, groups, combined", [
+    (16, 4, 256, 128),  # the last strided layer: pairs
+    (4, 16, 256, 128),  # its input gradient
+    (16, 8, 128, 128),  # 512->1024: as it is
+    (16, 3, 8, 2),      # fours: 2 and 3 groups are not enough and 3 does not divide 8
+])
+def test_narrow_float32_convolutions_run_as_fewer_groups(group_inputs, group_outputs, groups, combined,
+                                                         monkeypatch):
+    torch.manual_seed(0)
+    weight = torch.randn(group_outputs * groups, group_inputs, 3)
+    x, bias = torch.randn(2, group_inputs * groups, 20), torch.randn(group_outputs * groups)
+    ran_with, torch_conv1d = [], F.conv1d
+
+    def conv1d(*args, **kwargs):
+        ran_with.append(kwargs["groups"])
+        return torch_conv1d(*args, **kwargs)
+
+    expected = F.conv1d(x, weight, bias, groups=groups)
+    monkeypatch.setattr(F, "conv1d", conv1d)
+    torch.testing.assert_close(_grouped_conv1d(x, weight, bias, groups), expected, rtol=1e-5, atol=1e-5)
+    assert ran_with == [combined]
+    ran_with.clear()
+    _grouped_conv1d(x.double(), weight.double(), None, groups)
+    assert ran_with == [groups]  # only float32 was measured
+
+
+def test_block_diagonal_weight_is_undone_by_block_diagonal():
+    weight = torch.randn(24, 5, 3)
+    wide = _block_diagonal_weight(weight, 6, 2)
+    assert wide.shape == (24, 15, 3)
+    assert torch.equal(_block_diagonal(wide, 6, 2), weight)
+    assert torch.count_nonzero(wide) == torch.count_nonzero(weight)
