@@ -193,6 +193,10 @@ class TrainConfig:
     # layers the checkpoint lacks (they keep their initialisation). Only for a fresh
     # start: a run with a checkpoint of its own in --out resumes from that.
     init_from: str | None = None
+    # How long a rank waits in a collective before the run fails. Validation runs on rank 0
+    # alone while the others wait at a barrier, so this must cover the longest validation
+    # (torch's NCCL default of 10 minutes would kill a run with a large val split).
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass

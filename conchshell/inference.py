@@ -51,7 +51,7 @@ from conchshell.models.factory import build_codec, build_frontend
 from conchshell.models.frontend import ImageFrontend
 from conchshell.models.generator import ConchShellGenerator, freeze_for_inference
 from conchshell.utils.precision import (autocast_for, bf16_supported, bf16_unsupported_reason, check_precision,
-                                         frontend_precision, synthesis_precision)
+                                         frontend_precision, synthesis_precision, use_ieee_fp32)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CROSSFADE_SECONDS = 0.5
@@ -77,17 +77,21 @@ class Generation:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None/"auto" -> CUDA when available, else CPU; "cuda" without CUDA is a ConfigError."""
+    """None/"auto" -> CUDA when available, else CPU; "cuda" without CUDA is a ConfigError.
+    On CUDA, fp32 is made IEEE fp32 (:func:`use_ieee_fp32`), so fp32 output is the same
+    reference on every device."""
     if isinstance(device, torch.device):
         device = str(device)
     if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available")
+        use_ieee_fp32()
     return resolved
 
 

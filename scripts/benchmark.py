@@ -69,7 +69,12 @@ from conchshell.nn.spectral import LogMelSpectrogram, mel_l1  # noqa: E402
 from conchshell.training.distributed import DistInfo  # noqa: E402
 from conchshell.training.stages.gan import GanStage, log_mel_for  # noqa: E402
 from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
-from conchshell.utils.precision import autocast_for, bf16_supported, bf16_unsupported_reason  # noqa: E402
+from conchshell.utils.precision import (  # noqa: E402
+    autocast_for,
+    bf16_supported,
+    bf16_unsupported_reason,
+    use_ieee_fp32,
+)
 from conchshell.utils.benchmark import (  # noqa: E402
     CpuSteal,
     Timing,
@@ -361,7 +366,7 @@ def gan_training_step(config: Config, device: torch.device, precision: str, batc
 
 
 def release_memory(device: torch.device) -> None:
-    """Hand freed blocks back after an out-of-memory step, so the next row starts clean."""
+    """Collect the last row's cycles and hand its freed blocks back, so the next row starts clean."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -391,9 +396,11 @@ def run_training(args: argparse.Namespace, device: torch.device) -> list[dict[st
                     row.update(measure_training_step(config, device, precision, batch, args))
                 except torch.OutOfMemoryError:
                     row["out_of_memory"] = True
+                # After every row, outside the except block (a traceback pins the step's tensors):
+                # the stage sits in reference cycles (its optimisers), so without a collection its
+                # weights and Adam state would still hold memory when the next batch size is tried.
+                release_memory(device)
                 if row.get("out_of_memory"):
-                    # Outside the except block: the traceback no longer pins the step's tensors.
-                    release_memory(device)
                     rows.append(row)
                     print(f"[train {level} b{batch} {precision}] out of memory: larger batches skipped",
                           file=sys.stderr, flush=True)
@@ -687,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    if device.type == "cuda":
+        use_ieee_fp32()
     bf16_kernels = bf16_supported(device)
     if args.precisions is None:
         args.precisions = list(PRECISIONS) if bf16_kernels else ["fp32"]
@@ -723,6 +732,9 @@ def main(argv: list[str] | None = None) -> int:
             # False: bf16 runs through torch's scalar fallbacks here (about 100x slower than fp32).
             "bf16_kernels": bf16_kernels,
             "flop_bound_precision": max(("fp32", "bf16"), key=rates.get),
+            # fp32 rows are IEEE fp32, as on the CPU: CUDA's TF32 switched off (use_ieee_fp32).
+            "cuda_tf32": (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+                         if device.type == "cuda" else None,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),

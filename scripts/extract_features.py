@@ -47,16 +47,9 @@ from conchshell.data.feature_cache import (  # noqa: E402
 )
 from conchshell.data.manifest import read_manifest  # noqa: E402
 from conchshell.errors import ConchShellError, ConfigError  # noqa: E402
+from conchshell.inference import resolve_device  # noqa: E402
 from conchshell.models.factory import build_codec, build_frontend  # noqa: E402
 from conchshell.utils.host_memory import keep_freed_memory  # noqa: E402
-
-
-def pick_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def printer(label: str, every_seconds: float = 10.0):
@@ -130,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("no cache folder: pass --out DIR or set data.feature_cache in the config")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-        device = pick_device(args.device)
+        device = resolve_device(args.device)
         manifest = args.manifest if args.manifest is not None else Path(config.data.manifest)
         records = read_manifest(manifest, seed=config.data.split_seed)
         out = Path(out)

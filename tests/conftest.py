@@ -17,6 +17,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # per call where torch emulates it (an AVX2-only CPU): those tests need the kernels.
     if item.get_closest_marker("needs_bf16_kernels") and not cpu_has_bf16_kernels():
         pytest.skip("this CPU has no bf16 kernels: bf16 through the full-size image networks would take minutes")
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (scripts/gpu_check.sh runs these on a GPU machine)")
 
 
 @pytest.fixture

@@ -243,12 +243,17 @@ def test_training_batch_sweep_stops_at_the_first_batch_that_does_not_fit(tmp_pat
         return real_step(config, device, precision, batch)
 
     monkeypatch.setattr(script, "gan_training_step", step_that_fits_up_to_two)
+    released = []
+    monkeypatch.setattr(script, "release_memory", released.append)
     out = tmp_path / "bench.json"
     assert script.main(["--levels", "", "--train-levels", "tiny", "--train-batch", "1,2,4,8",
                         "--train-repeats", "1", "--ceiling-size", "256", "--cache-files", "2",
                         "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["training"]
     assert [(r["batch_size"], r.get("out_of_memory", False)) for r in rows] == [(1, False), (2, False), (4, True)]
+    # After every row, fitting ones too: a stage left in its reference cycles would still hold
+    # its weights and optimiser state when the next batch size is tried.
+    assert len(released) == len(rows)
     fitting = rows[:2]
     best = max(fitting, key=lambda r: r["samples_per_s"])
     assert [r.get("best_batch", False) for r in fitting] == [r is best for r in fitting]

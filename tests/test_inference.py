@@ -324,3 +324,22 @@ def test_no_arguments_means_the_demo_model_on_the_examples_with_spectrograms():
     assert cli.parse_args(["--no-spectrogram"]).spectrogram is False
     assert cli.parse_args(["--img_path", "a.jpg"]).spectrogram is False
     assert cli.parse_args(["--img_path", "a.jpg", "--spectrogram"]).spectrogram is True
+
+
+@pytest.mark.cuda
+def test_cuda_generates_the_cpu_audio_in_ieee_fp32_and_runs_bf16(export, tmp_path):
+    image = make_image(tmp_path / "sea.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        on_gpu = ImageToMusic.from_checkpoint(export, device="cuda")
+        on_cpu = ImageToMusic.from_checkpoint(export, device="cpu")
+    # fp32 on CUDA is IEEE fp32 (no TF32 in cuDNN's convolutions): the CPU's audio, to rounding.
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    gpu_wave, _ = on_gpu.generate(image)
+    cpu_wave, _ = on_cpu.generate(image)
+    assert np.abs(gpu_wave - cpu_wave).max() < 1e-3 * max(np.abs(cpu_wave).max(), 1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bf16 = ImageToMusic.from_checkpoint(export, device="cuda", precision="bf16")
+    wave, _ = bf16.generate(image)
+    assert wave.shape == cpu_wave.shape and np.isfinite(wave).all()

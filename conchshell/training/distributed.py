@@ -12,6 +12,7 @@ every task) before ``srun``.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from conchshell.errors import ConfigError
+from conchshell.utils.precision import use_ieee_fp32
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,21 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         raise ConfigError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA "
                           "device(s) are visible: lower --nproc_per_node")
     torch.cuda.set_device(local_rank)
+    use_ieee_fp32()
     return torch.device("cuda", local_rank)
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> DistInfo:
     """Read the launcher environment, pick this rank's device and join the process group.
 
     ``device``: "auto" (CUDA when available, else CPU), "cpu" or "cuda". With more than one
     process the group uses NCCL on CUDA and gloo on CPU. A single process (plain ``python``
     or ``torchrun --nproc_per_node=1``) creates no process group, so every collective below
-    is a no-op for it.
+    is a no-op for it. ``timeout_minutes`` bounds every wait in a collective (the config's
+    ``train.dist_timeout_minutes``).
     """
+    if not timeout_minutes > 0:
+        raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {timeout_minutes!r}")
     rank, local_rank, world_size = _launcher_ranks()
     torch_device = _pick_device(device, local_rank)
     backend: str | None = None
@@ -103,8 +109,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
             backend = dist.get_backend()
         else:
             backend = "nccl" if torch_device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, init_method="env://",
-                                    rank=rank, world_size=world_size)
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, is_main=rank == 0,
                     device=torch_device, backend=backend)
 

@@ -184,7 +184,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: s
 
 def train(config: Config, out_dir: str | Path, resume: str | bool | None = None) -> Path:
     """Run (or resume) the stage named by ``config.train.stage``; returns the output folder."""
-    dist_info = setup_distributed(config.train.device)
+    dist_info = setup_distributed(config.train.device, config.train.dist_timeout_minutes)
     try:
         return _train(config, Path(out_dir), resume, dist_info)
     finally:

@@ -255,12 +255,17 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, size: int, repeats:
     }
 
 
-def copy_bandwidth(device: torch.device, num_bytes: int = 256 * 2**20, repeats: int = 5,
+def copy_bandwidth(device: torch.device, num_bytes: int | None = None, repeats: int = 5,
                    warmup: int = 2) -> dict[str, Any]:
     """Bytes/s (read + written) of copying one large contiguous buffer into another: the
     ceiling of the memory-bound passes (copies, activations, casts). Best over repeats, the
     median kept too. On a shared VM it moves with the neighbours' traffic, which the CPU
-    steal does not show (one 2-core VM: 44 GB/s in one hour, 22-35 the next)."""
+    steal does not show (one 2-core VM: 44 GB/s in one hour, 22-35 the next).
+
+    ``num_bytes`` defaults to 256 MiB on CPU and 4 GiB on CUDA: at a few TB/s a 256 MiB copy
+    takes a tenth of a millisecond, which the timer's own overhead would distort."""
+    if num_bytes is None:
+        num_bytes = 4 * 2**30 if device.type == "cuda" else 256 * 2**20
     source = torch.ones(num_bytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     timing = time_call(lambda: target.copy_(source), device, repeats, warmup)

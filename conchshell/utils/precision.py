@@ -47,7 +47,9 @@ def bf16_supported(device: torch.device) -> bool:
     where oneDNN has bf16 kernels (:func:`cpu_has_bf16_kernels`; elsewhere bf16 is about 100x
     slower than fp32)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Asked of this device, not the current one; is_bf16_supported() would also count
+        # pre-Ampere GPUs, which only emulate bf16.
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu" and cpu_has_bf16_kernels()
 
 
@@ -57,6 +59,18 @@ def bf16_unsupported_reason(device: torch.device) -> str:
         return (f"this CPU has no bf16 kernels (oneDNN needs AVX-512 or AMX; it has "
                 f"{torch.backends.cpu.get_cpu_capability()}), so bf16 would run about 100x slower than fp32")
     return f"bf16 is not supported on {device}"
+
+
+def use_ieee_fp32() -> None:
+    """Make fp32 mean IEEE fp32 on CUDA as on the CPU. cuDNN's convolutions default to TF32
+    (a 10-bit mantissa) while matmuls default to full fp32, so an fp32 run would otherwise be
+    neither: its audio would not be the reference the bf16 path is compared with, and its
+    FLOP rate could exceed the fp32 matmul ceiling it is measured against. bf16 autocast is
+    the fast path on GPUs; this only removes the silent third precision."""
+    # The legacy flags, not fp32_precision: once the new API is used, reading the legacy ones
+    # raises, and torch.compile's convolution templates still read them.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

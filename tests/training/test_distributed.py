@@ -90,6 +90,8 @@ def test_torchrun_single_process_and_bad_device(clean_env):
     assert info.world_size == 1 and info.backend is None and not dist.is_initialized()
     with pytest.raises(ConfigError, match="device"):
         setup_distributed("gpu")
+    with pytest.raises(ConfigError, match="dist_timeout_minutes"):
+        setup_distributed("cpu", timeout_minutes=0)
     clean_env.setenv("RANK", "3")  # rank outside the world
     with pytest.raises(ConfigError, match="inconsistent"):
         setup_distributed("cpu")
@@ -133,7 +135,7 @@ def _gloo_worker(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
-    info = setup_distributed("cpu")
+    info = setup_distributed("cpu", timeout_minutes=5)
     try:
         assert (info.rank, info.local_rank, info.world_size) == (rank, rank, world_size)
         assert info.is_main == (rank == 0) and info.backend == "gloo"

@@ -274,3 +274,16 @@ def test_vqvae_resume_matches_the_uninterrupted_run(tiny_corpus, tmp_path):
     assert_ok(run_train(split, *common, "train.max_steps=2"))
     assert_ok(run_train(split, *common, "train.max_steps=3"))
     assert_same_models(straight / "ckpt-step=00000003.pt", split / "ckpt-step=00000003.pt")
+
+
+@pytest.mark.cuda
+def test_torchrun_one_process_on_cuda_in_bf16(tiny_corpus, tmp_path):
+    out = tmp_path / "cuda"
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               "--config", "configs/tiny.yaml", "--out", str(out), *SMALL_RUN, *data_overrides(tiny_corpus),
+               "train.max_steps=2", "train.device=cuda", "train.precision=bf16"]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert_ok(result)
+    assert "on cuda:0" in result.stderr
+    state = CheckpointManager.load(out / "ckpt-step=00000002.pt")
+    assert state["step"] == 2 and (out / "G-step=2.pt").is_file()

@@ -7,7 +7,7 @@ import torch
 from conchshell.errors import ConfigError
 from conchshell.utils import precision
 from conchshell.utils.precision import (autocast_for, bf16_supported, bf16_unsupported_reason, check_precision,
-                                        cpu_has_bf16_kernels, frontend_precision, synthesis_precision)
+                                        cpu_has_bf16_kernels, frontend_precision, synthesis_precision, use_ieee_fp32)
 
 
 def test_inference_precisions_split_into_the_frontends_and_the_synthesis_share():
@@ -44,3 +44,26 @@ def test_bf16_counts_as_supported_on_cpu_only_where_onednn_has_bf16_kernels(monk
     assert not bf16_supported(torch.device("meta"))
     reason = bf16_unsupported_reason(cpu)
     assert "no bf16 kernels" in reason and torch.backends.cpu.get_cpu_capability() in reason
+
+
+@pytest.mark.parametrize("capability, supported", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_on_cuda_needs_ampere_on_the_device_asked_about(monkeypatch, capability, supported):
+    asked = []
+
+    def capability_of(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    assert bf16_supported(torch.device("cuda", 1)) is supported
+    assert asked == [torch.device("cuda", 1)]
+
+
+def test_ieee_fp32_turns_off_tf32_for_matmuls_and_cudnn_convolutions():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        use_ieee_fp32()
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
