@@ -35,6 +35,13 @@ def from_channels_last_2d(x: Tensor) -> Tensor:
     return x.squeeze(2).contiguous()
 
 
+def is_time_major(x: Tensor) -> bool:
+    """Whether a ``[B, C, T]`` tensor is stored time-major (``[B, T, C]`` in memory, as the
+    3-D view of a channels-last ``[B, C, 1, T]`` one): then ``x.unsqueeze(2)`` is that
+    channels-last tensor, with no copy."""
+    return x.dim() == 3 and x.shape[1] > 1 and x.stride(1) == 1 and x.transpose(1, 2).is_contiguous()
+
+
 def _check_zero_padding(conv: nn.Module) -> None:
     if conv.padding_mode != "zeros":
         raise ValueError(f"the channels-last path supports zero padding only, got {conv.padding_mode!r}")
@@ -48,10 +55,14 @@ class Conv1d(nn.Conv1d):
         _check_zero_padding(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            return super().forward(x)
-        return F.conv2d(x, self.weight.unsqueeze(2), self.bias, (1, self.stride[0]),
-                        (0, self.padding[0]), (1, self.dilation[0]), self.groups)
+        return conv1d_as_2d(self, x) if x.dim() == 4 else super().forward(x)
+
+
+def conv1d_as_2d(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """``conv`` (zero padding) on a ``[B, C, 1, T]`` input, as the ``1 x k`` 2-D convolution:
+    channels-last in, channels-last out."""
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]),
+                    (1, conv.dilation[0]), conv.groups)
 
 
 class ConvTranspose1d(nn.ConvTranspose1d):

@@ -18,7 +18,10 @@ below 8) adjacent groups are computed as one and the gradient's diagonal blocks 
 (:func:`_input_grad_as_convolution`: oneDNN's backward-data kernel is 2-2.5x slower on
 AVX2). Float32 forward convolutions with fewer than 8 input or output channels per group
 (the last strided layer, both ways) run as half as many groups with block-diagonal kernels
-(:func:`_grouped_conv1d`). CUDA keeps the direct convolution: not measured there.
+(:func:`_grouped_conv1d`). A ``[B, C, 1, L]`` input (a channels-last network's layout:
+the discriminator's under bf16, ``runs_channels_last``) keeps the phases time-major and runs
+the convolutions as channels-last 2-D ones, with a channels-last output: the split and its
+inverse stay one copy each. CUDA keeps the direct convolution: not measured there.
 Measured on 2 CPU cores, batch 4 (the discriminator's real + fake batch), bf16, forward +
 backward per layer, direct -> phase split: 32->128 1832 -> 647 ms, 128->512 1769 -> 562 ms,
 512->1024 1365 -> 1079 ms, 1024->1024 569 -> 473 ms (before the hand-written function).
@@ -35,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conchshell.nn.direct import RewrittenConv1d, compute_dtype
+from conchshell.nn.channels_last import conv1d_as_2d, is_time_major
+from conchshell.nn.direct import RewrittenConv1d, compute_dtype, rewritten_forms_allowed
 
 # oneDNN's weight gradient of a grouped convolution is several times slower below this many
 # output channels per group (see :func:`_weight_grad_groups`).
@@ -55,12 +59,20 @@ def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[
     return [region for region in regions if region[1] > region[0]]
 
 
-def _split(x: Tensor, stride: int, padding: int, frames: int, dtype: torch.dtype) -> Tensor:
-    """``[B, C, L]`` -> zero-padded phases ``[B, C*stride, frames]`` in ``dtype``."""
+def _split(x: Tensor, stride: int, padding: int, frames: int, dtype: torch.dtype,
+           time_major: bool) -> Tensor:
+    """``[B, C, L]`` (either layout) -> zero-padded phases ``[B, C*stride, frames]`` in
+    ``dtype``, stored time-major (:func:`~conchshell.nn.channels_last.is_time_major`) or
+    channels-first."""
     batch, channels, length = x.shape
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    phases = x.new_empty((batch, channels, stride, frames), dtype=dtype)
-    by_frame = phases.permute(0, 1, 3, 2)
+    if time_major:
+        storage = x.new_empty((batch, frames, channels, stride), dtype=dtype)
+        by_frame = storage.permute(0, 2, 1, 3)
+        phases = storage.view(batch, frames, channels * stride).transpose(1, 2)
+    else:
+        storage = x.new_empty((batch, channels, stride, frames), dtype=dtype)
+        by_frame = storage.permute(0, 1, 3, 2)
+        phases = storage.view(batch, channels * stride, frames)
     for first, end, interior in _frame_regions(length, stride, padding, frames):
         low, high = stride * first - padding, stride * end - padding
         if interior:  # one transposing copy (per phase: 4 strided passes, 10-40 % slower)
@@ -71,15 +83,20 @@ def _split(x: Tensor, stride: int, padding: int, frames: int, dtype: torch.dtype
         if inside_high > inside_low:
             segment[:, :, inside_low - low:inside_high - low] = x[:, :, inside_low:inside_high]
         by_frame[:, :, first:end] = segment.view(batch, channels, end - first, stride)
-    return phases.view(batch, channels * stride, frames)
+    return phases
 
 
-def _merge(grad_phases: Tensor, length: int, stride: int, padding: int, dtype: torch.dtype) -> Tensor:
-    """The gradient of :func:`_split`: phases ``[B, C*stride, frames]`` -> ``[B, C, L]``."""
+def _merge(grad_phases: Tensor, length: int, stride: int, padding: int, dtype: torch.dtype,
+           time_major: bool) -> Tensor:
+    """The gradient of :func:`_split`: phases ``[B, C*stride, frames]`` -> ``[B, C, L]``,
+    stored time-major or channels-first (the layout of the split's input)."""
     batch, split_channels, frames = grad_phases.shape
     channels = split_channels // stride
     by_frame = grad_phases.reshape(batch, channels, stride, frames).permute(0, 1, 3, 2)
-    grad = grad_phases.new_empty((batch, channels, length), dtype=dtype)
+    if time_major:
+        grad = grad_phases.new_empty((batch, length, channels), dtype=dtype).transpose(1, 2)
+    else:
+        grad = grad_phases.new_empty((batch, channels, length), dtype=dtype)
     for first, end, interior in _frame_regions(length, stride, padding, frames):
         low, high = stride * first - padding, stride * end - padding
         if interior:
@@ -158,7 +175,8 @@ def _block_diagonal_weight(weight: Tensor, groups: int, combined_groups: int) ->
 
 
 def _grouped_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """``F.conv1d(x, weight, bias, groups=groups)`` outside autocast. Below
+    """``F.conv1d(x, weight, bias, groups=groups)`` outside autocast; for a time-major ``x``,
+    the channels-last ``[B, O, 1, T]`` output of the same convolution in 2-D. Below
     :data:`CONVOLUTION_MIN_GROUP_CHANNELS` input or output channels per group, adjacent
     groups run as one with a block-diagonal kernel: on AVX2 oneDNN runs the last strided
     layer's 16-in/4-out groups at 9 GFLOP/s, as pairs at 33 (Deep batch of 4, 2 cores:
@@ -167,8 +185,11 @@ def _grouped_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int)
     out_channels, group_inputs, _ = weight.shape
     narrowest = min(group_inputs, out_channels // groups)
     wide = _combined_groups(groups, narrowest, CONVOLUTION_MIN_GROUP_CHANNELS.get(weight.dtype, 1))
+    weight = _block_diagonal_weight(weight, groups, wide)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.conv1d(x, _block_diagonal_weight(weight, groups, wide), bias, groups=wide)
+        if is_time_major(x):  # as 2-D, returned so: a view made here could not be modified in place
+            return F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, groups=wide)
+        return F.conv1d(x, weight, bias, groups=wide)
 
 
 def _input_grad_as_convolution(grad_out: Tensor, split_weight: Tensor, groups: int) -> Tensor:
@@ -190,35 +211,46 @@ class _PolyphaseConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int,
                 groups: int, dtype: torch.dtype) -> Tensor:
+        as_2d = x.dim() == 4
+        x = x.squeeze(2) if as_2d else x
         length, kernel = x.shape[-1], weight.shape[-1]
         out_length = (length + 2 * padding - kernel) // stride + 1
         frames = out_length - 1 + -(-kernel // stride)
-        phases = _split(x, stride, padding, frames, dtype)
+        phases = _split(x, stride, padding, frames, dtype, time_major=as_2d)
         split_weight = _split_weight(weight, stride).to(dtype)
         out = _grouped_conv1d(phases, split_weight, None if bias is None else bias.to(dtype), groups)
         ctx.save_for_backward(phases, split_weight)
-        ctx.config = (length, kernel, stride, padding, groups, x.dtype, weight.dtype, bias is not None)
+        ctx.config = (length, kernel, stride, padding, groups, x.dtype, weight.dtype, bias is not None,
+                      as_2d, is_time_major(x))
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         phases, split_weight = ctx.saved_tensors
-        length, kernel, stride, padding, groups, x_dtype, weight_dtype, has_bias = ctx.config
+        length, kernel, stride, padding, groups, x_dtype, weight_dtype, has_bias, as_2d, x_time_major = ctx.config
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_out = grad_out.to(phases.dtype)
 
         def convolution_backward(weight: Tensor, weight_groups: int, mask: list[bool]) -> tuple:
             bias_sizes = [weight.shape[0]] if mask[2] else None
-            return torch.ops.aten.convolution_backward(grad_out, phases, weight, bias_sizes, [1], [0], [1],
-                                                       False, [0], weight_groups, mask)
+            if not as_2d:
+                return torch.ops.aten.convolution_backward(grad_out, phases, weight, bias_sizes, [1], [0], [1],
+                                                           False, [0], weight_groups, mask)
+            # A copy only if the output gradient came channels-first.
+            grad_out_2d = grad_out.contiguous(memory_format=torch.channels_last)
+            grads = torch.ops.aten.convolution_backward(grad_out_2d, phases.unsqueeze(2), weight.unsqueeze(2),
+                                                        bias_sizes, [1, 1], [0, 0], [1, 1], False, [0, 0],
+                                                        weight_groups, mask)
+            return tuple(None if g is None or g.dim() == 1 else g.squeeze(2) for g in grads[:2]) + (grads[2],)
 
         grad_x = grad_weight = grad_bias = None
         if need_x:
-            if phases.dtype == torch.float32:
+            if phases.dtype == torch.float32 and not as_2d:
                 grad_phases = _input_grad_as_convolution(grad_out, split_weight, groups)
             else:
                 grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
-            grad_x = _merge(grad_phases, length, stride, padding, x_dtype)
+            grad_x = _merge(grad_phases, length, stride, padding, x_dtype, x_time_major)
+            grad_x = grad_x.unsqueeze(2) if as_2d else grad_x
         need_bias = need_bias and has_bias
         if need_weight or need_bias:
             out_channels, group_inputs, taps = split_weight.shape
@@ -239,9 +271,15 @@ def polyphase_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
                      groups: int) -> Tensor:
     """``F.conv1d(x, weight, bias, stride, padding, groups=groups)`` (zero padding, no
     dilation, batched ``[B, C, L]`` input) as a stride-1 convolution of the phase-split
-    input. Under autocast it computes in the autocast dtype, like ``F.conv1d``."""
-    if x.dim() != 3:
-        raise ValueError(f"polyphase_conv1d needs a batched [B, C, L] input, got shape {tuple(x.shape)}")
+    input. Under autocast it computes in the autocast dtype, like ``F.conv1d``.
+
+    A ``[B, C, 1, L]`` input (a channels-last network's layout, either memory order) gives
+    the ``[B, O, 1, T]`` output stored channels-last: the phases are stored time-major and
+    the convolutions run as channels-last 2-D ones, oneDNN's fast layout for bf16 (see the
+    module docstring)."""
+    if not (x.dim() == 3 or (x.dim() == 4 and x.shape[2] == 1)):
+        raise ValueError(f"polyphase_conv1d needs a batched [B, C, L] or [B, C, 1, L] input, "
+                         f"got shape {tuple(x.shape)}")
     length, kernel = x.shape[-1], weight.shape[-1]
     if length + 2 * padding < kernel:
         raise ValueError(f"input of length {length} is shorter than the kernel ({kernel}, padding {padding})")
@@ -258,3 +296,11 @@ class PolyphaseConv1d(RewrittenConv1d):
 
     def rewritten_forward(self, x: Tensor) -> Tensor:
         return polyphase_conv1d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        # A channels-last network's [B, C, 1, L] (see polyphase_conv1d).
+        if rewritten_forms_allowed() and x.device.type == "cpu" and self.applies():
+            return self.rewritten_forward(x)
+        return conv1d_as_2d(self, x)

@@ -119,3 +119,13 @@ def test_phase_grid_stands_aside_inside_direct_convolutions():
     x = to_channels_last_2d(torch.randn(1, 4, 200))
     with torch.no_grad(), direct_convolutions():
         assert not phase_grid_applies(x, conv)
+
+
+def test_time_major_is_the_3d_view_of_a_channels_last_tensor():
+    from conchshell.nn.channels_last import is_time_major
+
+    x = torch.randn(2, 8, 30)
+    assert not is_time_major(x)
+    assert is_time_major(to_channels_last_2d(x).squeeze(2))
+    assert is_time_major(x.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not is_time_major(torch.randn(2, 1, 30))  # one channel: no layout to speak of

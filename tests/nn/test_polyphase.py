@@ -150,3 +150,53 @@ def test_block_diagonal_weight_is_undone_by_block_diagonal():
     assert wide.shape == (24, 15, 3)
     assert torch.equal(_block_diagonal(wide, 6, 2), weight)
     assert torch.count_nonzero(wide) == torch.count_nonzero(weight)
+
+
+def _as_2d(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``[B, C, L]`` -> a ``[B, C, 1, L]`` leaf, stored channels-last or channels-first."""
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.unsqueeze(2).detach().requires_grad_(True)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("stride, kernel, padding, groups, length", [
+    (4, 41, 20, 8, 1000), (4, 41, 20, 8, 1003), (2, 5, 1, 2, 33), (5, 2, 0, 1, 12)])
+def test_2d_input_gives_a_channels_last_output_and_the_same_gradients(stride, kernel, padding, groups, length,
+                                                                      channels_last):
+    torch.manual_seed(0)
+    x = _as_2d(torch.randn(2, 4 * groups, length, dtype=torch.float64), channels_last)
+    weight = torch.randn(3 * groups, 4, kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3 * groups, dtype=torch.float64, requires_grad=True)
+    expected = F.conv1d(x.squeeze(2), weight, bias, stride=stride, padding=padding, groups=groups)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias), upstream)
+    result = polyphase_conv1d(x, weight, bias, stride, padding, groups)
+    assert result.shape == (*expected.shape[:2], 1, expected.shape[-1])
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(result.squeeze(2), expected)
+    grads = torch.autograd.grad(result, (x, weight, bias), upstream.unsqueeze(2))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    # The input gradient comes back in the input's own layout.
+    assert grads[0].squeeze(2).stride(1) == (1 if channels_last else length)
+
+
+def test_2d_input_under_bf16_autocast_and_inside_direct_convolutions():
+    torch.manual_seed(0)
+    conv = WNConv1d(16, 32, 41, stride=4, padding=20, groups=4, conv_type=PolyphaseConv1d)
+    x = torch.randn(2, 16, 501)
+    expected = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        phased = conv(_as_2d(x, channels_last=True))
+    assert phased.dtype == torch.bfloat16 and phased.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(phased.squeeze(2).float(), expected, rtol=0.05, atol=0.05)
+    # The plain form of a [B, C, 1, L] input, where FLOPs are counted.
+    with direct_convolutions():
+        torch.testing.assert_close(conv(_as_2d(x, channels_last=True)).squeeze(2), expected, rtol=1e-5, atol=1e-5)
+        assert count_macs(conv, _as_2d(x, channels_last=True)) == count_macs(conv, x)
+
+
+def test_2d_input_must_have_height_one():
+    with pytest.raises(ValueError, match=r"\[B, C, 1, L\]"):
+        polyphase_conv1d(torch.randn(1, 4, 2, 50), torch.randn(4, 4, 5), None, 2, 0, 1)
