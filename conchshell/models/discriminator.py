@@ -72,14 +72,17 @@ CHANNELS_LAST_DTYPES = (torch.bfloat16,)
 
 
 def runs_channels_last(signal: Tensor) -> bool:
-    """Whether the layers after the first run as channels-last ``[B, C, 1, L]`` 2-D
-    convolutions (``conchshell.nn.polyphase``, ``conchshell.nn.channels_last``; the feature
-    maps returned are their 3-D views): on CPU under bf16. There oneDNN computes in
+    """Whether the layers run as channels-last ``[B, C, 1, L]`` 2-D convolutions
+    (``conchshell.nn.polyphase``, ``conchshell.nn.channels_last``; the feature maps returned
+    are their 3-D views): on CPU under bf16. There oneDNN computes in
     channels-last and reorders channels-first inputs, outputs and gradients to it and back,
     through transposing copies at about 1 GB/s. The phase-split layers' three passes (forward,
     input and weight gradient), Deep batch of 4, 2 cores of an Intel Xeon with AMX:
     32->128 2.68 -> 0.70 s, 128->512 3.02 -> 1.19 s, 512->1024 3.16 -> 1.05 s, 1024->1024
-    1.56 -> 0.36 s; the 1024->512 k5 layer 353 -> 127 ms. float32 keeps channels-first:
+    1.56 -> 0.36 s; the 1024->512 k5 layer 353 -> 127 ms. The first layer (1->32 k16) runs
+    there as the plain 2-D convolution, not unfolded: its three passes take about as long
+    (199 against 186 ms at Deep batch 4), and the phase split's gradient after it no longer
+    transposes back to channels-first (197 -> 35 ms). float32 keeps channels-first:
     there the weight gradients ran 1.4-4x slower channels-last."""
     return (rewritten_forms_allowed() and signal.device.type == "cpu"
             and compute_dtype(signal) in CHANNELS_LAST_DTYPES)
@@ -168,9 +171,11 @@ class ScaleDiscriminator(nn.Module):
         x = signal
         as_2d = runs_channels_last(signal)
         for index, layer in enumerate(self.layers):
-            if as_2d and index == 1:
-                x = x.unsqueeze(2)
-            x = layer(x)
+            if as_2d and index == 0:  # channels-last from the padded signal on
+                reflection, conv, activation = layer
+                x = activation(conv(channels_last.to_channels_last_2d(reflection(x))))
+            else:
+                x = layer(x)
             outputs.append(x.squeeze(2) if x.dim() == 4 else x)
         if self.class_projection is not None:
             features = outputs[-2]

@@ -2,13 +2,15 @@
 ``conchshell.nn.unfolded``, ``conchshell.nn.fft_conv``) share: the switch that makes them
 plain ``F.conv1d`` again, so FLOP counts show the model's own work, not the form that
 computes it (inside :func:`direct_convolutions`), the dtype they compute in, and their
-module base class."""
+module base class, which also runs a channels-last network's ``[B, C, 1, T]`` input
+(``conchshell.nn.channels_last``)."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _direct = False
@@ -45,10 +47,22 @@ def weights_key(*tensors: Tensor | None) -> tuple[Any, ...]:
                  for t in tensors)
 
 
+def conv1d_as_2d(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """``conv`` (zero padding) on a ``[B, C, 1, T]`` input, as the ``1 x k`` 2-D convolution:
+    channels-last in, channels-last out."""
+    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]),
+                    (1, conv.dilation[0]), conv.groups)
+
+
 class RewrittenConv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters and state dict) whose batched CPU forward runs
     :meth:`rewritten_forward` where :meth:`applies` says the other form pays; other devices,
-    unbatched inputs and :func:`direct_convolutions` blocks run the plain convolution."""
+    unbatched inputs and :func:`direct_convolutions` blocks run the plain convolution. A
+    ``[B, C, 1, T]`` input (a channels-last network's) runs as :func:`conv1d_as_2d` unless
+    the subclass sets :attr:`rewrites_channels_last`."""
+
+    # Whether rewritten_forward also takes the [B, C, 1, T] input.
+    rewrites_channels_last = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,7 +78,10 @@ class RewrittenConv1d(nn.Conv1d):
 
     def rewrites(self, x: Tensor) -> bool:
         """Whether ``forward(x)`` runs the other form."""
-        return rewritten_forms_allowed() and x.dim() == 3 and x.device.type == "cpu" and self.applies()
+        batched = x.dim() == 3 or (x.dim() == 4 and self.rewrites_channels_last)
+        return rewritten_forms_allowed() and batched and x.device.type == "cpu" and self.applies()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.rewritten_forward(x) if self.rewrites(x) else super().forward(x)
+        if self.rewrites(x):
+            return self.rewritten_forward(x)
+        return conv1d_as_2d(self, x) if x.dim() == 4 else super().forward(x)

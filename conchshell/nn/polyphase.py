@@ -21,7 +21,9 @@ AVX2). Float32 forward convolutions with fewer than 8 input or output channels p
 (:func:`_grouped_conv1d`). A ``[B, C, 1, L]`` input (a channels-last network's layout:
 the discriminator's under bf16, ``runs_channels_last``) keeps the phases time-major and runs
 the convolutions as channels-last 2-D ones, with a channels-last output: the split and its
-inverse stay one copy each. CUDA keeps the direct convolution: not measured there.
+inverse stay one copy each. There bf16 groups narrower than 32 channels run combined in
+all three passes (:func:`_convolution_groups`, :func:`_weight_grad_groups`): the Deep bf16
+GAN step went 11.4 -> 9.5 s on AMX. CUDA keeps the direct convolution: not measured there.
 Measured on 2 CPU cores, batch 4 (the discriminator's real + fake batch), bf16, forward +
 backward per layer, direct -> phase split: 32->128 1832 -> 647 ms, 128->512 1769 -> 562 ms,
 512->1024 1365 -> 1079 ms, 1024->1024 569 -> 473 ms (before the hand-written function).
@@ -38,15 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conchshell.nn.channels_last import conv1d_as_2d, is_time_major
-from conchshell.nn.direct import RewrittenConv1d, compute_dtype, rewritten_forms_allowed
+from conchshell.nn.channels_last import is_time_major
+from conchshell.nn.direct import RewrittenConv1d, compute_dtype
 
-# oneDNN's weight gradient of a grouped convolution is several times slower below this many
-# output channels per group (see :func:`_weight_grad_groups`).
-WEIGHT_GRAD_MIN_GROUP_OUTPUTS = {torch.bfloat16: 16, torch.float32: 8}
-# The same for forward convolutions, on the narrower of a group's inputs and outputs (see
-# :func:`_grouped_conv1d`; bf16 not measured, so left as it is).
-CONVOLUTION_MIN_GROUP_CHANNELS = {torch.float32: 8}
+# Channels per group below which oneDNN runs a grouped convolution several times slower than
+# with adjacent groups computed as one (block-diagonal kernels: the wasted products cost
+# less). Keyed by (dtype, phases stored time-major); a missing key combines nothing. Weight
+# gradients go by a group's outputs (see :func:`_weight_grad_groups`), forward convolutions
+# and the time-major input gradients by the narrower of its inputs and outputs (see
+# :func:`_convolution_groups`). bf16 channels-first forward passes were not measured.
+WEIGHT_GRAD_MIN_GROUP_OUTPUTS = {(torch.bfloat16, False): 16, (torch.float32, False): 8,
+                                 (torch.bfloat16, True): 32}
+CONVOLUTION_MIN_GROUP_CHANNELS = {(torch.float32, False): 8, (torch.bfloat16, True): 32}
 
 
 def _frame_regions(length: int, stride: int, padding: int, frames: int) -> list[tuple[int, int, bool]]:
@@ -136,7 +141,7 @@ def _combined_groups(groups: int, group_channels: int, threshold: int) -> int:
     return groups // combined
 
 
-def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> int:
+def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int, time_major: bool = False) -> int:
     """Groups to compute the weight gradient with. Below
     :data:`WEIGHT_GRAD_MIN_GROUP_OUTPUTS` outputs per group, oneDNN's kernel is several
     times slower than with fewer, wider groups, even counting the wasted products: so
@@ -144,8 +149,26 @@ def _weight_grad_groups(dtype: torch.dtype, groups: int, group_outputs: int) -> 
     fewest that reach the threshold. Deep batch of 4, 2 CPU cores: bf16 (AVX-512) 512->1024
     (8 per group) 888 ms, as pairs 175 ms; 1024->1024 (4 per group) 671 ms, in fours 148 ms.
     fp32 (AVX2): 1024->1024 744 ms, as pairs 336 ms, in fours 519 ms; 512->1024 760 ms, as
-    pairs 982 ms (so 8 per group stays)."""
-    return _combined_groups(groups, group_outputs, WEIGHT_GRAD_MIN_GROUP_OUTPUTS.get(dtype, 1))
+    pairs 982 ms (so 8 per group stays). bf16 time-major (AMX; 16/32/64 outputs per group,
+    ms): 32->128 311/257/317, 128->512 812/528/515, 512->1024 642/405/325 (8 per group:
+    2062), 1024->1024 171/118/111 (4 per group: 1805)."""
+    threshold = WEIGHT_GRAD_MIN_GROUP_OUTPUTS.get((dtype, time_major), 1)
+    return _combined_groups(groups, group_outputs, threshold)
+
+
+def _convolution_groups(dtype: torch.dtype, groups: int, group_inputs: int, group_outputs: int,
+                        time_major: bool) -> int:
+    """Groups to run a forward convolution (or a time-major input gradient) with: adjacent
+    groups as one, block-diagonal, until the narrower of a group's inputs and outputs
+    reaches :data:`CONVOLUTION_MIN_GROUP_CHANNELS`. On AVX2 oneDNN runs the last strided
+    layer's float32 16-in/4-out groups at 9 GFLOP/s, as pairs at 33 (Deep batch of 4, 2
+    cores: forward 655 -> 177 ms; its input gradient, 4-in/16-out, 231 -> 110 ms); fours
+    were slower than pairs, and 8 per group (512->1024) stays: 348 ms, as pairs 397. bf16
+    time-major on AMX, forward / input gradient as they are -> combined to 32 (ms): 32->128
+    176/93 -> 111/69, 128->512 153/120 -> 107/88, 512->1024 156/126 -> 108/81, 1024->1024
+    59/67 -> 41/35 (other widths within 10 % of these)."""
+    threshold = CONVOLUTION_MIN_GROUP_CHANNELS.get((dtype, time_major), 1)
+    return _combined_groups(groups, min(group_inputs, group_outputs), threshold)
 
 
 def _block_diagonal(grad: Tensor, groups: int, combined_groups: int) -> Tensor:
@@ -175,19 +198,15 @@ def _block_diagonal_weight(weight: Tensor, groups: int, combined_groups: int) ->
 
 
 def _grouped_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """``F.conv1d(x, weight, bias, groups=groups)`` outside autocast; for a time-major ``x``,
-    the channels-last ``[B, O, 1, T]`` output of the same convolution in 2-D. Below
-    :data:`CONVOLUTION_MIN_GROUP_CHANNELS` input or output channels per group, adjacent
-    groups run as one with a block-diagonal kernel: on AVX2 oneDNN runs the last strided
-    layer's 16-in/4-out groups at 9 GFLOP/s, as pairs at 33 (Deep batch of 4, 2 cores:
-    forward 655 -> 177 ms; its input gradient, 4-in/16-out, 231 -> 110 ms); fours were slower
-    than pairs, and 8 per group (512->1024) stays: 348 ms, as pairs 397."""
+    """``F.conv1d(x, weight, bias, groups=groups)`` outside autocast, narrow groups combined
+    (:func:`_convolution_groups`); for a time-major ``x``, the channels-last ``[B, O, 1, T]``
+    output of the same convolution in 2-D."""
     out_channels, group_inputs, _ = weight.shape
-    narrowest = min(group_inputs, out_channels // groups)
-    wide = _combined_groups(groups, narrowest, CONVOLUTION_MIN_GROUP_CHANNELS.get(weight.dtype, 1))
+    time_major = is_time_major(x)
+    wide = _convolution_groups(weight.dtype, groups, group_inputs, out_channels // groups, time_major)
     weight = _block_diagonal_weight(weight, groups, wide)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if is_time_major(x):  # as 2-D, returned so: a view made here could not be modified in place
+        if time_major:  # as 2-D, returned so: a view made here could not be modified in place
             return F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, groups=wide)
         return F.conv1d(x, weight, bias, groups=wide)
 
@@ -248,13 +267,16 @@ class _PolyphaseConv1d(torch.autograd.Function):
             if phases.dtype == torch.float32 and not as_2d:
                 grad_phases = _input_grad_as_convolution(grad_out, split_weight, groups)
             else:
-                grad_phases = convolution_backward(split_weight, groups, [True, False, False])[0]
+                out_channels, group_inputs, _ = split_weight.shape
+                wide = _convolution_groups(phases.dtype, groups, group_inputs, out_channels // groups, as_2d)
+                wide_weight = _block_diagonal_weight(split_weight, groups, wide)
+                grad_phases = convolution_backward(wide_weight, wide, [True, False, False])[0]
             grad_x = _merge(grad_phases, length, stride, padding, x_dtype, x_time_major)
             grad_x = grad_x.unsqueeze(2) if as_2d else grad_x
         need_bias = need_bias and has_bias
         if need_weight or need_bias:
             out_channels, group_inputs, taps = split_weight.shape
-            wide = _weight_grad_groups(phases.dtype, groups, out_channels // groups)
+            wide = _weight_grad_groups(phases.dtype, groups, out_channels // groups, as_2d)
             # Only the shape of the weight is read. The bias gradient comes from the same kernel:
             # a sum of its own cast a bf16 gradient to float32 first (a 0.5 GB copy at Deep scale).
             shape_only = split_weight.new_empty((out_channels, group_inputs * groups // wide, taps))
@@ -291,16 +313,10 @@ class PolyphaseConv1d(RewrittenConv1d):
     :func:`polyphase_conv1d`; other devices, stride 1, dilated kernels, unbatched inputs and
     :func:`~conchshell.nn.direct.direct_convolutions` blocks run the plain convolution."""
 
+    rewrites_channels_last = True
+
     def applies(self) -> bool:
         return self.stride[0] != 1 and self.dilation[0] == 1
 
     def rewritten_forward(self, x: Tensor) -> Tensor:
         return polyphase_conv1d(x, self.weight, self.bias, self.stride[0], self.padding[0], self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            return super().forward(x)
-        # A channels-last network's [B, C, 1, L] (see polyphase_conv1d).
-        if rewritten_forms_allowed() and x.device.type == "cpu" and self.applies():
-            return self.rewritten_forward(x)
-        return conv1d_as_2d(self, x)

@@ -59,6 +59,20 @@ def test_layout_helpers_round_trip_and_store_channels_last():
     assert back.is_contiguous() and torch.equal(back, x)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_one_channel_input_keeps_the_network_channels_last(requires_grad):
+    # Its channels-first strides are channels-last too, but oneDNN reads them as
+    # channels-first and would write the first convolution's output that way.
+    x = torch.randn(2, 1, 50, requires_grad=requires_grad)
+    y = to_channels_last_2d(x)
+    assert y.stride() == (50, 1, 50, 1) and torch.equal(y.squeeze(2), x)
+    out = Conv1d(1, 8, 3, padding=1)(y)
+    assert out.stride(1) == 1 and out.is_contiguous(memory_format=torch.channels_last)
+    if requires_grad:
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))
+
+
 def test_parameters_and_state_dict_match_the_torch_modules():
     ours, theirs = Conv1d(3, 4, 3, padding=1), nn.Conv1d(3, 4, 3, padding=1)
     theirs.load_state_dict(ours.state_dict())  # strict: same names and shapes

@@ -8,8 +8,8 @@ from torch import nn
 
 from conchshell.nn.layers import WNConv1d
 from conchshell.nn.direct import direct_convolutions
-from conchshell.nn.polyphase import (PolyphaseConv1d, _block_diagonal, _block_diagonal_weight, _grouped_conv1d,
-                                     _weight_grad_groups, polyphase_conv1d)
+from conchshell.nn.polyphase import (PolyphaseConv1d, _block_diagonal, _block_diagonal_weight, _convolution_groups,
+                                     _grouped_conv1d, _weight_grad_groups, polyphase_conv1d)
 from conchshell.utils.profile import count_macs
 
 
@@ -116,6 +116,39 @@ def test_narrow_groups_take_their_weight_gradient_together():
     assert _weight_grad_groups(torch.float32, 256, 4) == 128      # 1024->1024 in fp32: pairs
     assert _weight_grad_groups(torch.float32, 128, 8) == 128      # 512->1024 in fp32: as it is
     assert _weight_grad_groups(torch.float64, 256, 4) == 256
+    # Time-major (channels-last) phases in bf16: combined up to 32 outputs per group.
+    assert _weight_grad_groups(torch.bfloat16, 8, 16, time_major=True) == 4      # 32->128
+    assert _weight_grad_groups(torch.bfloat16, 128, 8, time_major=True) == 32    # 512->1024
+    assert _weight_grad_groups(torch.bfloat16, 256, 4, time_major=True) == 32    # 1024->1024
+    assert _weight_grad_groups(torch.float32, 256, 4, time_major=True) == 256    # not measured
+
+
+def test_time_major_bf16_convolutions_combine_groups_up_to_32_channels():
+    assert _convolution_groups(torch.bfloat16, 8, 16, 16, time_major=True) == 4     # 32->128
+    assert _convolution_groups(torch.bfloat16, 128, 16, 8, time_major=True) == 32   # 512->1024
+    assert _convolution_groups(torch.bfloat16, 256, 16, 4, time_major=True) == 32   # 1024->1024
+    assert _convolution_groups(torch.bfloat16, 8, 16, 16, time_major=False) == 8    # channels-first
+    assert _convolution_groups(torch.float32, 256, 16, 4, time_major=False) == 128  # fp32 pairs
+
+
+def test_combined_time_major_bf16_layer_matches_the_direct_convolution():
+    # 8-in/4-out groups: every pass runs with combined groups (forward, input and weight
+    # gradient), which must not change the result beyond bf16 rounding.
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 1, 400).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = (0.1 * torch.randn(16, 8, 41)).requires_grad_()
+    bias = torch.randn(16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = polyphase_conv1d(x, weight, bias, 4, 20, 4)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, weight, bias])
+    x64, weight64, bias64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    expected = F.conv1d(x64.squeeze(2), weight64, bias64, 4, 20, groups=4)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x64, weight64, bias64])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.squeeze(2).double(), expected, rtol=0.02, atol=0.05)
+    for grad, reference in zip(grads, expected_grads):
+        scale = reference.abs().max()
+        assert (grad.double() - reference).abs().max() <= 0.03 * scale
 
 
 @pytest.mark.parametrize("group_inputs, group_outputs, groups, combined", [
