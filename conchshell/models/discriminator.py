@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from conchshell.errors import ConfigError
 from conchshell.nn import channels_last
-from conchshell.nn.direct import compute_dtype, rewritten_forms_allowed
+from conchshell.nn.conv import compute_dtype
+from conchshell.nn.direct import rewritten_forms_allowed
 from conchshell.nn.layers import WNConv1d
 from conchshell.nn.polyphase import PolyphaseConv1d
 from conchshell.nn.unfolded import UnfoldedConv1d
@@ -151,12 +152,11 @@ class ScaleDiscriminator(nn.Module):
             )
         layers.append(
             nn.Sequential(
-                WNConv1d(channels[4], channels[5], PENULTIMATE_KERNEL, padding=PENULTIMATE_PADDING,
-                         conv_type=channels_last.Conv1d),
+                WNConv1d(channels[4], channels[5], PENULTIMATE_KERNEL, padding=PENULTIMATE_PADDING),
                 nn.LeakyReLU(0.2, inplace=True),
             )
         )
-        layers.append(WNConv1d(channels[5], 1, SCORE_KERNEL, padding=SCORE_PADDING, conv_type=channels_last.Conv1d))
+        layers.append(WNConv1d(channels[5], 1, SCORE_KERNEL, padding=SCORE_PADDING))
         self.layers = nn.ModuleList(layers)
         self.class_projection: nn.Embedding | None = None
         if num_classes is not None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from conchshell.errors import ConfigError
 from conchshell.models.tcnn import TCNN
 from conchshell.nn.composed_filter import circular_spectra, filter_interior, impulse_response
-from conchshell.nn.direct import compute_dtype, rewritten_forms_allowed, weights_key
+from conchshell.nn.conv import compute_dtype
+from conchshell.nn.direct import rewritten_forms_allowed, weights_key
 from conchshell.nn.repeated_frames import repeat_frames
 from conchshell.nn.tap_product import SameSizeConv, shared_input_convs
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from conchshell.errors import CheckpointError
-from conchshell.nn.channels_last import Conv1d, from_channels_last_2d, to_channels_last_2d
+from conchshell.nn.channels_last import from_channels_last_2d, to_channels_last_2d
+from conchshell.nn.conv import Conv1d
 from conchshell.nn.quantizer import Bottleneck
 from conchshell.nn.resnet1d import DecoderConvBlock, EncoderConvBlock
 from conchshell.utils.checkpoint import load_strict, read_weights, strip_prefix

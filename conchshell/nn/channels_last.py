@@ -10,9 +10,9 @@ needs canonical strides (:func:`to_channels_last_2d`), 0.45 -> 0.33 s and 0.70 -
 against the channels-first run the input's own strides gave. Not yet
 measured on a GPU, where cuDNN also has channels-last kernels.
 
-:class:`Conv1d` and :class:`ConvTranspose1d` keep ``nn.Conv1d``'s / ``nn.ConvTranspose1d``'s
-parameters, so checkpoints load unchanged; a 3-D input runs the ordinary 1-D path, a 4-D
-channels-last one (from :func:`to_channels_last_2d`) the 2-D path. A network converts its
+:class:`~conchshell.nn.conv.Conv1d` and :class:`ConvTranspose1d` keep ``nn.Conv1d``'s /
+``nn.ConvTranspose1d``'s parameters, so checkpoints load unchanged; a 3-D input runs the
+ordinary 1-D path, a 4-D channels-last one (from :func:`to_channels_last_2d`) the 2-D path. A network converts its
 input once, runs every layer in that layout (element-wise ops and residual sums keep it),
 and converts back once with :func:`from_channels_last_2d`.
 """
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from conchshell.nn.direct import conv1d_as_2d, rewritten_forms_allowed
+from conchshell.nn.conv import Conv1d
+from conchshell.nn.direct import rewritten_forms_allowed
 
 
 def to_channels_last_2d(x: Tensor) -> Tensor:
@@ -55,17 +56,6 @@ def is_time_major(x: Tensor) -> bool:
 def _check_zero_padding(conv: nn.Module) -> None:
     if conv.padding_mode != "zeros":
         raise ValueError(f"the channels-last path supports zero padding only, got {conv.padding_mode!r}")
-
-
-class Conv1d(nn.Conv1d):
-    """``nn.Conv1d`` that runs a 4-D channels-last input as a ``1 x k`` 2-D convolution."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _check_zero_padding(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return conv1d_as_2d(self, x) if x.dim() == 4 else super().forward(x)
 
 
 class ConvTranspose1d(nn.ConvTranspose1d):

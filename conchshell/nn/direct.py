@@ -1,17 +1,16 @@
 """What the convolutions that run another way on CPU (``conchshell.nn.polyphase``,
 ``conchshell.nn.unfolded``, ``conchshell.nn.fft_conv``) share: the switch that makes them
 plain ``F.conv1d`` again, so FLOP counts show the model's own work, not the form that
-computes it (inside :func:`direct_convolutions`), the dtype they compute in, and their
-module base class, which also runs a channels-last network's ``[B, C, 1, T]`` input
-(``conchshell.nn.channels_last``)."""
+computes it (inside :func:`direct_convolutions`), the key of weights a form was computed
+from, and their module base class."""
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from conchshell.nn.conv import Conv1d
 
 _direct = False
 
@@ -32,13 +31,6 @@ def rewritten_forms_allowed() -> bool:
     return not _direct
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """What a convolution of ``x`` computes in: the autocast dtype when autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def weights_key(*tensors: Tensor | None) -> tuple[Any, ...]:
     """What a form computed from these weights (kept between calls) was computed from: it is
     stale once the key differs. In-place changes show in the version counter, except for
@@ -47,26 +39,19 @@ def weights_key(*tensors: Tensor | None) -> tuple[Any, ...]:
                  for t in tensors)
 
 
-def conv1d_as_2d(conv: nn.Conv1d, x: Tensor) -> Tensor:
-    """``conv`` (zero padding) on a ``[B, C, 1, T]`` input, as the ``1 x k`` 2-D convolution:
-    channels-last in, channels-last out."""
-    return F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]), (0, conv.padding[0]),
-                    (1, conv.dilation[0]), conv.groups)
-
-
-class RewrittenConv1d(nn.Conv1d):
-    """``nn.Conv1d`` (same parameters and state dict) whose batched CPU forward runs
+class RewrittenConv1d(Conv1d):
+    """:class:`~conchshell.nn.conv.Conv1d` (same parameters and state dict) whose batched CPU forward runs
     :meth:`rewritten_forward` where :meth:`applies` says the other form pays; other devices,
     unbatched inputs and :func:`direct_convolutions` blocks run the plain convolution. A
-    ``[B, C, 1, T]`` input (a channels-last network's) runs as :func:`conv1d_as_2d` unless
-    the subclass sets :attr:`rewrites_channels_last`."""
+    ``[B, C, 1, T]`` input (a channels-last network's) runs as the plain ``1 x k`` 2-D
+    convolution unless the subclass sets :attr:`rewrites_channels_last`."""
 
     # Whether rewritten_forward also takes the [B, C, 1, T] input.
     rewrites_channels_last = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        if isinstance(self.padding, str):
             raise ValueError(f"{type(self).__name__} supports numeric zero padding only")
 
     def applies(self) -> bool:
@@ -84,4 +69,4 @@ class RewrittenConv1d(nn.Conv1d):
     def forward(self, x: Tensor) -> Tensor:
         if self.rewrites(x):
             return self.rewritten_forward(x)
-        return conv1d_as_2d(self, x) if x.dim() == 4 else super().forward(x)
+        return super().forward(x)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from conchshell.nn.conv import Conv1d
+
 
 def WNConv1d(
     in_channels: int,
@@ -24,9 +26,10 @@ def WNConv1d(
     dilation: int = 1,
     groups: int = 1,
     bias: bool = True,
-    conv_type: type[nn.Conv1d] = nn.Conv1d,
+    conv_type: type[nn.Conv1d] = Conv1d,
 ) -> nn.Conv1d:
-    """A ``conv_type`` (``nn.Conv1d`` or a subclass with its parameters) whose weight is
+    """A ``conv_type`` (:class:`~conchshell.nn.conv.Conv1d` or another ``nn.Conv1d`` with its
+    parameters) whose weight is
     reparametrised as ``g * v / ||v||`` (one g per output channel)."""
     conv = conv_type(
         in_channels,

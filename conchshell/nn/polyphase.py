@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from conchshell.nn.channels_last import is_time_major
-from conchshell.nn.direct import RewrittenConv1d, compute_dtype
+from conchshell.nn.conv import compute_dtype, conv1d
+from conchshell.nn.direct import RewrittenConv1d
 
 # Channels per group below which oneDNN runs a grouped convolution several times slower than
 # with adjacent groups computed as one (block-diagonal kernels: the wasted products cost
@@ -206,9 +207,8 @@ def _grouped_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int)
     wide = _convolution_groups(weight.dtype, groups, group_inputs, out_channels // groups, time_major)
     weight = _block_diagonal_weight(weight, groups, wide)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if time_major:  # as 2-D, returned so: a view made here could not be modified in place
-            return F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, groups=wide)
-        return F.conv1d(x, weight, bias, groups=wide)
+        # Time-major as 2-D, returned so: a view made here could not be modified in place.
+        return conv1d(x.unsqueeze(2) if time_major else x, weight, bias, groups=wide)
 
 
 def _input_grad_as_convolution(grad_out: Tensor, split_weight: Tensor, groups: int) -> Tensor:

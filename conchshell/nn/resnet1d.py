@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from conchshell.nn.channels_last import Conv1d, ConvTranspose1d, phase_grid_applies, relu_conv_on_phase_grid
+from conchshell.nn.channels_last import ConvTranspose1d, phase_grid_applies, relu_conv_on_phase_grid
+from conchshell.nn.conv import Conv1d
 
 
 class ResidualConvBlock1d(nn.Module):

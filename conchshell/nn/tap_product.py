@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conchshell.nn.direct import compute_dtype, rewritten_forms_allowed
+from conchshell.nn.conv import compute_dtype
+from conchshell.nn.direct import rewritten_forms_allowed
 
 
 class SameSizeConv(NamedTuple):

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from conchshell.nn.direct import RewrittenConv1d, compute_dtype
+from conchshell.nn.conv import compute_dtype
+from conchshell.nn.direct import RewrittenConv1d
 
 # Above this many input values per output the unfolded copy outweighs the gain.
 MAX_UNFOLDED_ROWS = 64

@@ -3,13 +3,13 @@ import torch
 from torch import nn
 
 from conchshell.nn.channels_last import (
-    Conv1d,
     ConvTranspose1d,
     from_channels_last_2d,
     phase_grid_applies,
     relu_conv_on_phase_grid,
     to_channels_last_2d,
 )
+from conchshell.nn.conv import Conv1d
 from conchshell.nn.direct import direct_convolutions
 from conchshell.nn.resnet1d import ResidualConvBlock1d
 

@@ -164,9 +164,9 @@ def test_narrow_float32_convolutions_run_as_fewer_groups(group_inputs, group_out
     x, bias = torch.randn(2, group_inputs * groups, 20), torch.randn(group_outputs * groups)
     ran_with, torch_conv1d = [], F.conv1d
 
-    def conv1d(*args, **kwargs):
-        ran_with.append(kwargs["groups"])
-        return torch_conv1d(*args, **kwargs)
+    def conv1d(x, weight, bias, stride, padding, dilation, groups):
+        ran_with.append(groups)
+        return torch_conv1d(x, weight, bias, stride, padding, dilation, groups)
 
     expected = F.conv1d(x, weight, bias, groups=groups)
     monkeypatch.setattr(F, "conv1d", conv1d)
