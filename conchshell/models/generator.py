@@ -70,7 +70,7 @@ from torch.nn.utils import parametrize
 
 from conchshell.errors import ConfigError
 from conchshell.nn.fft_conv import FFTConv1d
-from conchshell.nn.layers import ResnetBlock1d
+from conchshell.nn.layers import MaxPool1d, ResnetBlock1d
 
 LEVELS = ("high", "low", "deep")
 LATENT_SCALE = 100.0
@@ -169,7 +169,7 @@ def _build_pooled_body(width: float, latent_channels: int, pool_strides: tuple[i
         layers += [
             nn.ReflectionPad1d(reflection),
             FFTConv1d(in_channels, out_channels, POOLED_KERNEL, padding=1),
-            nn.MaxPool1d(POOL_KERNEL, stride=stride, padding=1),
+            MaxPool1d(POOL_KERNEL, stride=stride, padding=1),
         ]
         if index < RESIDUAL_STAGES:
             layers += _residual_pair(out_channels)
@@ -373,9 +373,10 @@ def freeze_for_inference(generator: ConchShellGenerator, precision: str) -> Conc
     """Turn ``generator`` (in place) into a frozen network for generation only, and return it.
 
     Weight normalisation is folded into plain weights, computed once instead of on every
-    call. Frozen, the long-kernel stage convolutions run through the FFT in float32
-    (:class:`~conchshell.nn.fft_conv.FFTConv1d`: faster than the direct form in either
-    precision, and more accurate), so they keep float32 weights. For ``"bf16"`` every other
+    call. Frozen, the long-kernel stage convolutions run through the DFT
+    (:class:`~conchshell.nn.fft_conv.FFTConv1d`: in float32, or as bf16 matrix products
+    under bf16 autocast; faster than the direct form in either precision), from spectra
+    made in float64, so they keep float32 weights. For ``"bf16"`` every other
     conv and linear layer is stored in bf16, which bf16 autocast would otherwise cast from
     fp32 on every call (Deep, batch 1, 2 CPU cores: 238 -> 193 ms). Inside
     :func:`~conchshell.nn.direct.direct_convolutions`, under the matching precision (fp32,

@@ -11,6 +11,7 @@ to ``conchshell.utils.profile.count_macs`` (which counts convolutions and matmul
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -68,3 +69,15 @@ class ResnetBlock1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.shortcut(x) + self.block(x)
+
+
+class MaxPool1d(nn.MaxPool1d):
+    """``nn.MaxPool1d`` that pools a CPU bf16 input in float32 and returns it in bf16: the same
+    values (rounding to bf16 keeps the order), but torch's bf16 kernel without indices (the
+    one inference runs) is about 8x slower than its float32 one (Deep's 1024 x 817 frames on
+    2 cores: 5.3 ms against 0.7 ms with both casts; with gradients both take the same time)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            return super().forward(x.float()).to(torch.bfloat16)
+        return super().forward(x)

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from conchshell.nn.direct import direct_convolutions
-from conchshell.nn.fft_conv import MIN_FFT_KERNEL, FFTConv1d, fft_conv1d, fft_size, kernel_spectrum
+from conchshell.nn.fft_conv import (
+    MIN_FFT_KERNEL,
+    FFTConv1d,
+    dft_matrices,
+    fft_conv1d,
+    fft_size,
+    kernel_spectrum,
+    spectral_matmul_conv1d,
+    stacked_kernel_spectrum,
+)
 from conchshell.utils.profile import count_macs
 
 
@@ -14,13 +23,16 @@ def _relative_error(result: torch.Tensor, expected: torch.Tensor) -> float:
     return ((result.double() - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("batch, channels, out_channels, kernel, length, padding", [
+SHAPES = pytest.mark.parametrize("batch, channels, out_channels, kernel, length, padding", [
     (1, 8, 16, 40, 300, 1),    # a Low/Deep stage conv, several blocks
     (3, 4, 5, 40, 60, 0),      # fewer frames than one block
     (2, 3, 2, 16, 45, 7),      # the shortest FFT kernel, wide padding
     (1, 2, 3, 60, 59, 1),      # exactly one output frame
     (2, 5, 4, 42, 2 * 87 + 41, 0),  # a whole number of blocks (N = 128, L = 87)
 ])
+
+
+@SHAPES
 def test_equals_the_direct_convolution(batch, channels, out_channels, kernel, length, padding):
     torch.manual_seed(0)
     x = torch.randn(batch, channels, length)
@@ -32,6 +44,42 @@ def test_equals_the_direct_convolution(batch, channels, out_channels, kernel, le
     assert _relative_error(result, expected) < 1e-6
     without_bias = fft_conv1d(x, kernel_spectrum(weight, fft_size(kernel)), None, kernel, padding)
     torch.testing.assert_close(without_bias.double(), expected - bias.double()[:, None], rtol=1e-5, atol=1e-4)
+
+
+@SHAPES
+def test_bf16_matrix_form_equals_the_direct_convolution_to_bf16_rounding(batch, channels, out_channels, kernel,
+                                                                        length, padding):
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, length)
+    weight = torch.randn(out_channels, channels, kernel)
+    bias = torch.randn(out_channels)
+    expected = F.conv1d(x.double(), weight.double(), bias.double(), padding=padding)
+    stacked = stacked_kernel_spectrum(weight, fft_size(kernel))
+    result = spectral_matmul_conv1d(x, stacked, bias, kernel, padding)
+    assert result.dtype == torch.bfloat16 and result.shape == expected.shape and result.is_contiguous()
+    assert _relative_error(result, expected) < 1e-2
+    without_bias = spectral_matmul_conv1d(x, stacked, None, kernel, padding)
+    assert _relative_error(without_bias, expected - bias.double()[:, None]) < 1e-2
+
+
+def test_dft_matrices_are_rfft_and_the_first_samples_of_irfft():
+    size, block = 64, 25
+    forward, inverse = dft_matrices(size, block, torch.float64, torch.device("cpu"))
+    assert forward.shape == (66, size) and inverse.shape == (66, block)
+    signal = torch.randn(size, 3, dtype=torch.float64)
+    spectrum = torch.fft.rfft(signal, dim=0)  # [33, 3]
+    parts = torch.stack([spectrum.real, spectrum.imag], dim=1).reshape(66, 3)  # rows (f, part)
+    torch.testing.assert_close(forward @ signal, parts)
+    torch.testing.assert_close(inverse.t() @ parts, signal[:block])
+
+
+def test_stacked_spectrum_is_real_parts_over_imaginary_parts():
+    weight = torch.randn(5, 3, 40)
+    spectrum = kernel_spectrum(weight, 128)
+    stacked = stacked_kernel_spectrum(weight, 128, torch.float32)
+    assert stacked.shape == (65, 10, 3)
+    torch.testing.assert_close(stacked, torch.cat([spectrum.real, spectrum.imag], dim=1))
+    assert stacked_kernel_spectrum(weight, 128).dtype == torch.bfloat16
 
 
 def test_block_length_is_three_kernels_rounded_up_to_a_power_of_two():
@@ -78,7 +126,7 @@ def test_only_frozen_stride_one_long_kernels_take_the_fft_form():
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_frozen_layer_computes_in_float32_under_bf16_autocast(x_dtype):
+def test_frozen_layer_computes_in_bf16_under_bf16_autocast_and_float32_outside(x_dtype):
     conv = _conv().requires_grad_(False)
     x = torch.randn(2, 6, 200).to(x_dtype)
     expected = F.conv1d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
@@ -86,9 +134,11 @@ def test_frozen_layer_computes_in_float32_under_bf16_autocast(x_dtype):
         result = conv(x)
         with direct_convolutions():
             direct = conv(x)
-    assert result.dtype == torch.float32 and direct.dtype == torch.bfloat16
-    assert _relative_error(result, expected) < 1e-6
-    assert _relative_error(direct, expected) > 1e-4  # the bf16 direct form is the less exact
+    assert result.dtype == torch.bfloat16 and direct.dtype == torch.bfloat16
+    assert _relative_error(result, expected) < 1e-2 and _relative_error(direct, expected) < 1e-2
+    with torch.inference_mode():
+        exact = conv(x.float())
+    assert exact.dtype == torch.float32 and _relative_error(exact, expected) < 1e-6
 
 
 def test_the_spectrum_is_kept_until_the_weight_changes():
@@ -102,6 +152,9 @@ def test_the_spectrum_is_kept_until_the_weight_changes():
         doubled = conv(x)
     assert conv.spectrum() is not spectrum
     torch.testing.assert_close(doubled - conv.bias[:, None], 2 * (first - conv.bias[:, None]))
+    spectrum = conv.spectrum()
+    assert conv.spectrum(torch.bfloat16).dtype == torch.bfloat16  # one dtype kept at a time
+    assert conv.spectrum() is not spectrum and conv.spectrum().dtype == torch.complex64
 
 
 def test_counts_the_macs_of_the_direct_convolution():
