@@ -1,4 +1,4 @@
-"""Every bf16 convolution the shipped small configs run, in a training step and in image ->
+"""Every bf16 convolution the shipped configs run, in a training step and in image ->
 audio inference, against a float64 recomputation from the same inputs: bf16 rounding, never
 a wrong kernel (oneDNN's AMX kernel computes some narrow 1-D shapes wrongly; see
 ``conchshell.nn.conv``)."""
@@ -58,6 +58,11 @@ class Bf16ConvolutionAudit(TorchDispatchMode):
         return out
 
 
+# The paper-scale configs take minutes (their float64 recomputation most): run with -m heavy.
+CONFIGS = ["tiny", "demo", *(pytest.param(name, marks=pytest.mark.heavy)
+                             for name in ("conchshell", "baseline1_high", "baseline2_low"))]
+
+
 def _config(name: str):
     return load_config(REPO / f"configs/{name}.yaml",
                        ["train.device=cpu", "train.precision=bf16", "image.tcnn_checkpoint=null",
@@ -65,7 +70,7 @@ def _config(name: str):
 
 
 @pytest.mark.needs_bf16_kernels
-@pytest.mark.parametrize("name", ["tiny", "demo"])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_bf16_training_step_convolutions_are_bf16_exact(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the seeded codec's "untrained" warning, the probe's
@@ -81,7 +86,7 @@ def test_bf16_training_step_convolutions_are_bf16_exact(name):
 
 
 @pytest.mark.needs_bf16_kernels
-@pytest.mark.parametrize("name", ["tiny", "demo"])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_bf16_inference_convolutions_are_bf16_exact(name):
     config = _config(name)
     cpu = torch.device("cpu")
