@@ -1,6 +1,6 @@
-"""Every bf16 convolution the shipped configs run, in a training step and in image ->
-audio inference, against a float64 recomputation from the same inputs: bf16 rounding, never
-a wrong kernel (oneDNN's AMX kernel computes some narrow 1-D shapes wrongly; see
+"""Every bf16 convolution and matrix product the shipped configs run, in a training step and
+in image -> audio inference, against a float64 recomputation from the same inputs: bf16
+rounding, never a wrong kernel (oneDNN's AMX kernel computes some narrow 1-D shapes wrongly; see
 ``conchshell.nn.conv``)."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from conchshell.utils.precision import autocast_for
 from .conftest import REPO
 from .test_stages import CPU, synthetic_batch
 
-FORWARD_OPS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d"}
+FORWARD_OPS = {"convolution", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+               "mm", "bmm", "addmm", "baddbmm", "linear", "matmul"}
 # bf16 results of bf16 inputs: about 0.003 of the result's norm; a wrong kernel gave 0.3-1.2.
 TOLERANCE = 0.02
 
@@ -33,8 +34,8 @@ def _double(values: tuple) -> list:
 
 
 class Bf16ConvolutionAudit(TorchDispatchMode):
-    """Recomputes every bf16 convolution (forward and backward) in float64 and records the
-    shapes whose result is off by more than bf16 rounding."""
+    """Recomputes every bf16 convolution (forward and backward) and matrix product in float64
+    and records the shapes whose result is off by more than bf16 rounding."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,8 +52,8 @@ class Bf16ConvolutionAudit(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in FORWARD_OPS and args[0].dtype == torch.bfloat16:
-            self._record(name, args, (out,), (func(*_double(args)),))
+        if name in FORWARD_OPS and out.dtype == torch.bfloat16:
+            self._record(name, args, (out,), (func(*_double(args), **(kwargs or {})),))
         elif name == "convolution_backward" and args[1].dtype == torch.bfloat16:
             self._record(name, args, tuple(out), tuple(func(*_double(args))))
         return out
