@@ -106,15 +106,17 @@ def dft_matrices(size: int, block: int, dtype: torch.dtype, device: torch.device
     return forward.to(dtype=dtype, device=device), inverse.reshape(2 * frequencies, block).to(dtype=dtype, device=device)
 
 
-def _blocks(length: int, kernel: int, padding: int, size: int) -> tuple[int, int, int]:
-    """(output frames, block length L, number of blocks) of an overlap-save convolution."""
+def _blocks(length: int, kernel: int, padding: int, size: int) -> tuple[int, int, int, int]:
+    """(output frames, block length L, number of blocks, zeros to pad on the right) of an
+    overlap-save convolution of ``length`` samples padded by ``padding`` on the left."""
     block = size - kernel + 1
     frames = length + 2 * padding - kernel + 1
     if frames < 1:
         raise ValueError(f"the padded input ({length + 2 * padding}) is shorter than the kernel ({kernel})")
     if block < 1:
         raise ValueError(f"a block of {size} samples is shorter than the kernel ({kernel})")
-    return frames, block, -(-frames // block)
+    blocks = -(-frames // block)
+    return frames, block, blocks, (blocks - 1) * block + size - length - padding
 
 
 def _check_input(x: Tensor, kernel_channels: int) -> None:
@@ -131,8 +133,8 @@ def fft_conv1d(x: Tensor, spectrum: Tensor, bias: Tensor | None, kernel: int, pa
     _check_input(x, kernel_channels)
     batch, channels, length = x.shape
     size = 2 * (frequencies - 1)
-    frames, block, blocks = _blocks(length, kernel, padding, size)
-    padded = F.pad(x, (padding, (blocks - 1) * block + size - length - padding))
+    frames, block, blocks, right = _blocks(length, kernel, padding, size)
+    padded = F.pad(x, (padding, right))
     signal = torch.fft.rfft(padded.unfold(-1, size, block), dim=-1)  # [B, C, blocks, F]
     signal = signal.permute(3, 1, 0, 2).reshape(frequencies, channels, batch * blocks)
     mixed = torch.bmm(spectrum, signal).view(frequencies, out_channels, batch, blocks)
@@ -151,20 +153,20 @@ def spectral_matmul_conv1d(x: Tensor, stacked: Tensor, bias: Tensor | None, kern
     batch, channels, length = x.shape
     out_channels = stacked_outputs // 2
     size = 2 * (frequencies - 1)
-    frames, block, blocks = _blocks(length, kernel, padding, size)
+    frames, block, blocks, right = _blocks(length, kernel, padding, size)
     columns = batch * blocks
     forward, inverse = dft_matrices(size, block, stacked.dtype, x.device)
-    padded = F.pad(x.to(stacked.dtype), (padding, (blocks - 1) * block + size - length - padding))
+    padded = F.pad(x.to(stacked.dtype), (padding, right))
     step_t, step_c, step_b = padded.stride(2), padded.stride(1), padded.stride(0)
     windows = padded.as_strided((size, channels, batch, blocks), (step_t, step_c, step_b, block * step_t))
-    signal = forward @ windows.reshape(size, channels * columns)  # [(f, part), (c, b, block)]
+    signal = forward @ windows.reshape(size, channels * columns)  # [(f, part), (c, b, block index)]
     signal = signal.view(frequencies, 2, channels, columns).transpose(1, 2).reshape(frequencies, channels, 2 * columns)
     quarters = torch.bmm(stacked, signal).view(frequencies, 2, out_channels, 2, columns)
     mixed = torch.empty((frequencies, 2, out_channels, columns), dtype=quarters.dtype, device=x.device)
     # (Wr + i Wi)(Xr + i Xi): real part Wr Xr - Wi Xi, imaginary part Wr Xi + Wi Xr.
     torch.sub(quarters[:, 0, :, 0], quarters[:, 1, :, 1], out=mixed[:, 0])
     torch.add(quarters[:, 0, :, 1], quarters[:, 1, :, 0], out=mixed[:, 1])
-    out = mixed.view(2 * frequencies, out_channels * columns).t() @ inverse  # [(o, b, block), L]
+    out = mixed.view(2 * frequencies, out_channels * columns).t() @ inverse  # [(o, b, block index), L]
     out = out.view(out_channels, batch, blocks * block)[..., :frames].transpose(0, 1)
     result = torch.empty((batch, out_channels, frames), dtype=out.dtype, device=x.device)
     if bias is None:
