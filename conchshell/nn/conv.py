@@ -7,8 +7,8 @@ some narrow bf16 1-D convolutions come out wrong, not merely rounded: their erro
 size of the result itself (relative error 0.3-1.2 against 0.003 for a correct bf16
 convolution). Found in a sweep on 2 cores: even input counts below 16 per group with
 ``channels x taps`` a multiple of 32 from 64 up, at stride 1 (4 -> 8 and 8 -> 16 with 40
-taps: the demo and ``tiny`` generators' first stage convolutions, which bf16 training runs
-directly), and 16 or 24 inputs at stride 4 or 8 with an even number of taps. The input and
+taps: two of the demo and ``tiny`` generators' stage convolutions, which bf16 training
+runs directly), and 16 or 24 inputs at stride 4 or 8 with an even number of taps. The input and
 weight gradients of the same shapes are correct, and 2-D / 3-D kernels with more than one
 row were correct throughout.
 

@@ -50,7 +50,7 @@ def test_wide_groups_are_trusted_without_a_probe(monkeypatch):
 
 
 @pytest.mark.parametrize("channels, out_channels, kernel, stride", [
-    (4, 8, 40, 1), (8, 16, 40, 1),  # the demo and tiny generators' first stages
+    (4, 8, 40, 1), (8, 16, 40, 1),  # two of the demo and tiny generators' stages
     (2, 8, 32, 1), (16, 8, 8, 4),   # other shapes oneDNN's AMX kernel got wrong
 ])
 def test_bf16_is_right_where_onednn_was_wrong(channels, out_channels, kernel, stride):
