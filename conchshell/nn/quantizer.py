@@ -68,18 +68,26 @@ class CodebookQuantizer(nn.Module):
             raise ValueError(f"expected a latent [B, {self.emb_width}, T], got {tuple(latent.shape)}")
         return latent.permute(0, 2, 1).contiguous().view(-1, self.emb_width)
 
+    @torch.no_grad()
     def _nearest(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Index of the nearest code per row and the squared distance to it."""
         k_t = self.k.t()
         code_norms = k_t.pow(2).sum(dim=0, keepdim=True)
+        rows = flat.shape[0]
         # ||x||^2 is the same for every code, so it is added after the search: one fused
         # [rows, bins] matmul-plus-bias per block instead of three full-size temporaries.
-        # Blocks of NEAREST_BLOCK_ROWS keep that matrix in cache: a Deep latent's search
-        # (16000 x 2048) takes 40 ms instead of 73 ms on 2 CPU cores, with the same codes.
-        blocks = [torch.addmm(code_norms, rows, k_t, alpha=-2).min(dim=-1)
-                  for rows in flat.split(NEAREST_BLOCK_ROWS)]
-        min_partial = torch.cat([block.values for block in blocks])
-        codes = torch.cat([block.indices for block in blocks])
+        # Blocks of NEAREST_BLOCK_ROWS keep that matrix in cache (a Deep latent's search,
+        # 16000 x 2048, 2 CPU cores: 73 -> 40 ms), and one buffer for it, with the results
+        # written in place, spares an allocation and a concatenation per block (Deep,
+        # batch 1, AMX: 42-45 -> 28-29 ms; batch 4 unchanged at 104-110 ms), same codes.
+        distances = flat.new_empty((min(rows, NEAREST_BLOCK_ROWS), self.l_bins))
+        min_partial = flat.new_empty(rows)
+        codes = torch.empty(rows, dtype=torch.long, device=flat.device)
+        for start in range(0, rows, NEAREST_BLOCK_ROWS):
+            block = flat[start:start + NEAREST_BLOCK_ROWS]
+            end = start + block.shape[0]
+            scores = torch.addmm(code_norms, block, k_t, alpha=-2, out=distances[:block.shape[0]])
+            torch.min(scores, dim=-1, out=(min_partial[start:end], codes[start:end]))
         min_distance = min_partial + flat.pow(2).sum(dim=-1)
         return codes, min_distance
 
