@@ -28,13 +28,12 @@ class ResidualConvBlock1d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        _, conv, *tail = self.model
-        if phase_grid_applies(x, conv):
-            hidden = relu_conv_on_phase_grid(x, conv)
-            for layer in tail:
-                hidden = layer(hidden)
-            return x + hidden
-        return x + self.model(x)
+        relu, conv, _, conv_1x1 = self.model
+        hidden = relu_conv_on_phase_grid(x, conv) if phase_grid_applies(x, conv) else conv(relu(x))
+        # The second ReLU and the residual sum in place, on tensors only this unit holds (no
+        # convolution keeps its output for the backward): the same values, and the Deep
+        # decode in fp32 on 2 cores (AMX) 155-163 -> 144-149 ms, alternated (bf16 unchanged).
+        return conv_1x1(hidden.relu_()).add_(x)
 
 
 class DilatedResnet1d(nn.Module):
