@@ -68,7 +68,7 @@ class ResnetBlock1d(nn.Module):
     A frozen block on CPU computing in bf16 runs channels-last (as ``1 x k`` 2-D
     convolutions, :mod:`conchshell.nn.channels_last`), which oneDNN's bf16 kernels run
     faster, with the same output: the frozen Deep generator on 2 cores (AMX), alternated,
-    70-75 -> 65-70 ms at batch 1, 210-223 -> 181-193 ms at batch 4. In float32 it was
+    70-75 -> 65-70 ms at batch 1, 204-220 -> 177-186 ms at batch 4. In float32 it was
     slower (162-168 against 175-178 ms at batch 1), and trainable blocks keep the layout
     their training was measured in.
     """
