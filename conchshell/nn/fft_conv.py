@@ -21,8 +21,9 @@ transforms are products with DFT matrices and the mixing one real bf16 product p
 frequency with the real parts of the spectrum stacked over the imaginary ones (``[2O, C]``:
 half the bytes of complex64), all on the bf16 matrix units, with no complex tensor and no
 transposing copy of the spectra. 2 CPU cores (AMX), 512 -> 1024: 39.5 -> 13.4 ms at batch 1,
-85 -> 27 ms at batch 4; 1024 -> 256: 25 -> 7.4 and 64 -> 30 ms. Its error, 5e-3 of the
-output's norm, is that of the direct bf16 convolution (3e-3) plus the transforms' rounding.
+85 -> 27 ms at batch 4; 1024 -> 256: 25 -> 7.4 and 64 -> 30 ms. Its error, 4.5e-3 of the
+output's norm at those sizes, is about twice the direct bf16 convolution's (2.3e-3): the
+transforms and the mixed spectrum are rounded to bf16 as well.
 
 Only frozen layers (weight without ``requires_grad``) take these forms: in training, the
 weight gradient in the frequency domain is a ``[N/2+1, O, C]`` complex tensor and the
