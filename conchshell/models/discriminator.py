@@ -60,6 +60,7 @@ from conchshell.nn.direct import rewritten_forms_allowed
 from conchshell.nn.layers import WNConv1d
 from conchshell.nn.polyphase import PolyphaseConv1d
 from conchshell.nn.unfolded import UnfoldedConv1d
+from conchshell.utils.precision import cpu_has_amx
 
 FIRST_KERNEL = 16
 FIRST_REFLECTION = 7
@@ -75,18 +76,23 @@ CHANNELS_LAST_DTYPES = (torch.bfloat16,)
 def runs_channels_last(signal: Tensor) -> bool:
     """Whether the layers run as channels-last ``[B, C, 1, L]`` 2-D convolutions
     (``conchshell.nn.polyphase``, ``conchshell.nn.channels_last``; the feature maps returned
-    are their 3-D views): on CPU under bf16. There oneDNN computes in
-    channels-last and reorders channels-first inputs, outputs and gradients to it and back,
+    are their 3-D views): on a CPU with AMX under bf16. There oneDNN's bf16 kernels compute in
+    channels-last and reorder channels-first inputs, outputs and gradients to it and back,
     through transposing copies at about 1 GB/s. The phase-split layers' three passes (forward,
     input and weight gradient), Deep batch of 4, 2 cores of an Intel Xeon with AMX:
     32->128 2.68 -> 0.70 s, 128->512 3.02 -> 1.19 s, 512->1024 3.16 -> 1.05 s, 1024->1024
     1.56 -> 0.36 s; the 1024->512 k5 layer 353 -> 127 ms. The first layer (1->32 k16) runs
     there as the plain 2-D convolution, not unfolded: its three passes take about as long
     (199 against 186 ms at Deep batch 4), and the phase split's gradient after it no longer
-    transposes back to channels-first (197 -> 35 ms). float32 keeps channels-first:
-    there the weight gradients ran 1.4-4x slower channels-last."""
+    transposes back to channels-first (197 -> 35 ms).
+
+    Without AMX the layers stay channels-first: on 2 cores of an AMD EPYC with AVX-512 bf16,
+    oneDNN's channels-first grouped kernels are the faster ones (the Deep bf16 GAN step at
+    batch 2, alternated in one process: 8.6-9.2 s channels-first against 12.5-13.1 s
+    channels-last; High 1.64-1.75 against 1.86-1.91 s). float32 keeps channels-first
+    everywhere: there the weight gradients ran 1.4-4x slower channels-last."""
     return (rewritten_forms_allowed() and signal.device.type == "cpu"
-            and compute_dtype(signal) in CHANNELS_LAST_DTYPES)
+            and compute_dtype(signal) in CHANNELS_LAST_DTYPES and cpu_has_amx())
 
 
 def _scaled(channels: int, width: float) -> int:

@@ -42,6 +42,17 @@ def cpu_has_bf16_kernels() -> bool:
         return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon from Sapphire Rapids on), where oneDNN's bf16
+    kernels differ from the AVX-512 ones enough to change which layout is faster (see
+    :func:`conchshell.models.discriminator.runs_channels_last`)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume none
+        return False
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast runs at speed on ``device``: on CUDA, Ampere or newer; on CPU,
     where oneDNN has bf16 kernels (:func:`cpu_has_bf16_kernels`; elsewhere bf16 is about 100x

@@ -199,9 +199,21 @@ def test_class_ids_are_required_exactly_when_conditional() -> None:
         MultiScaleDiscriminator(num_classes=0)
 
 
-def test_bf16_cpu_runs_channels_last_with_the_same_outputs_and_gradients() -> None:
+def test_bf16_cpu_runs_channels_last_only_with_amx(monkeypatch) -> None:
+    latent = torch.randn(2, 64, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(discriminator_module, "cpu_has_amx", lambda: False)
+        assert not discriminator_module.runs_channels_last(latent)
+        monkeypatch.setattr(discriminator_module, "cpu_has_amx", lambda: True)
+        assert discriminator_module.runs_channels_last(latent)
+    assert not discriminator_module.runs_channels_last(latent)  # float32 stays channels-first
+
+
+def test_bf16_cpu_runs_channels_last_with_the_same_outputs_and_gradients(monkeypatch) -> None:
     from conchshell.nn.direct import direct_convolutions
 
+    # The AMX layout, checked on any CPU: only its speed depends on the machine.
+    monkeypatch.setattr(discriminator_module, "cpu_has_amx", lambda: True)
     torch.manual_seed(0)
     model = MultiScaleDiscriminator(width=0.125, num_classes=6)
     latent = torch.randn(2, 64, 48)
