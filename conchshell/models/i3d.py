@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conchshell.errors import CheckpointError
+from conchshell.nn.conv3d import conv3d
+from conchshell.nn.direct import rewritten_forms_allowed, weights_key
 from conchshell.nn.repeated_frames import repeated_frames_conv3d
 from conchshell.utils.checkpoint import load_strict, read_weights, strip_prefix
 from conchshell.utils.seeded import seeded_state_dict_for
@@ -87,29 +89,62 @@ class Unit3D(nn.Module):
         self.use_relu = use_relu
         self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel_size, self.stride, padding=0, bias=use_bias)
         self.bn = nn.BatchNorm3d(out_channels, eps=1e-3, momentum=0.01) if use_batch_norm else None
+        self._folded: tuple[Tensor, Tensor] | None = None
+        self._folded_of: tuple[Any, ...] | None = None
 
     def forward(self, x: Tensor, frame_repeats: int = 1) -> Tensor:
         """``x`` [B,C,T,H,W]; with ``frame_repeats`` r, x holds the clip [B,C,T*r,H,W] whose
         every frame comes r times, one copy each (see :mod:`conchshell.nn.repeated_frames`)."""
+        weight, bias = self.folded_weights() if self.folds_batch_norm() else (self.conv3d.weight, self.conv3d.bias)
+        stride = self.conv3d.stride
         if frame_repeats != 1:
-            conv = self.conv3d
             clip_size = (x.shape[2] * frame_repeats, *x.shape[3:])
             paddings = same_paddings(clip_size, self.kernel_size, self.stride)
-            x = repeated_frames_conv3d(x, frame_repeats, conv.weight, conv.bias, conv.stride, paddings)
-            return self._normalise(x)
-        paddings = same_paddings(x.shape[2:], self.kernel_size, self.stride)
-        if all(before == after for before, after in paddings):
-            # Symmetric: the convolution pads by itself, without a padded copy of its input.
-            conv = self.conv3d
-            x = F.conv3d(x, conv.weight, conv.bias, conv.stride, [before for before, _ in paddings])
+            x = repeated_frames_conv3d(x, frame_repeats, weight, bias, stride, paddings)
         else:
-            x = self.conv3d(pad_same_3d(x, self.kernel_size, self.stride))
-        return self._normalise(x)
-
-    def _normalise(self, x: Tensor) -> Tensor:
-        if self.bn is not None:
+            paddings = same_paddings(x.shape[2:], self.kernel_size, self.stride)
+            if all(before == after for before, after in paddings):
+                # Symmetric: the convolution pads by itself, without a padded copy of its input.
+                padding = [before for before, _ in paddings]
+            else:
+                x, padding = pad_same_3d(x, self.kernel_size, self.stride), [0, 0, 0]
+            x = conv3d(x, weight, bias, stride, padding)
+        if self.bn is not None and not self.folds_batch_norm():
             x = self.bn(x)
-        return F.relu(x) if self.use_relu else x
+        if not self.use_relu:
+            return x
+        # The convolution's fresh output can take the ReLU in place unless autograd keeps it.
+        return F.relu(x) if torch.is_grad_enabled() and x.requires_grad else F.relu_(x)
+
+    def folds_batch_norm(self) -> bool:
+        """Whether the BatchNorm is folded into the convolution (:meth:`folded_weights`): when
+        it normalises with the running statistics and nothing here trains, outside
+        :func:`~conchshell.nn.direct.direct_convolutions`."""
+        bn = self.bn
+        return (bn is not None and not bn.training and bn.track_running_stats and rewritten_forms_allowed()
+                and not any(p.requires_grad for p in (self.conv3d.weight, bn.weight, bn.bias)))
+
+    def folded_weights(self) -> tuple[Tensor, Tensor]:
+        """The convolution's weight and bias with the eval-mode BatchNorm folded in, computed in
+        float64 once per weights: ``w * s`` and ``beta + (b - mean) * s``, with
+        ``s = gamma / sqrt(var + eps)``. Saves a pass over every feature map (I3D, batch 1,
+        2 CPU cores: 13 ms in fp32, 5 ms in bf16); the features move by float32 rounding."""
+        conv, bn = self.conv3d, self.bn
+        assert bn is not None
+        key = weights_key(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if self._folded is None or self._folded_of != key:
+            with torch.inference_mode(False), torch.no_grad():
+                scale = bn.weight.double() / (bn.running_var.double() + bn.eps).sqrt()
+                weight = (conv.weight.double() * scale.view(-1, 1, 1, 1, 1)).to(conv.weight.dtype)
+                shift = -bn.running_mean.double() if conv.bias is None else conv.bias.double() - bn.running_mean.double()
+                bias = (bn.bias.double() + shift * scale).to(conv.weight.dtype)
+            self._folded, self._folded_of = (weight, bias), key
+        return self._folded
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Unit3D":
+        # .to() / .cuda() replace the weights: fold again from the new ones.
+        self._folded = self._folded_of = None
+        return super()._apply(fn, recurse)
 
 
 class MaxPool3dSamePadding(nn.MaxPool3d):

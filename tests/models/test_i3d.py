@@ -25,6 +25,7 @@ from conchshell.models.i3d import (
     seeded_i3d,
     separable_max_pool3d,
 )
+from conchshell.nn.direct import direct_convolutions
 from conchshell.utils.checkpoint import load_strict
 from conchshell.utils.profile import count_macs, count_params
 from conchshell.utils.seeded import seeded_state_dict_for
@@ -43,12 +44,12 @@ def reference_run():
     """One full-size pass through a seeded I3D, shared by the comparison tests."""
     model = InceptionI3d()
     load_strict(model, official_like_state(), "compat seeded weights", optional_suffixes=(NBT,))
-    model.eval()
+    freeze_i3d(model)  # as ConchShell runs it (BatchNorm folded into the convolutions)
     video = seeded_input((1, 3, 18, 224, 224), 1)
     with torch.no_grad():
         features = model.extract_features(video)
         logits = model(video)
-        embedding = i3d_embedding(freeze_i3d(model), video)
+        embedding = i3d_embedding(model, video)
     return features, logits, embedding
 
 
@@ -259,6 +260,60 @@ class _Parent(nn.Module):
         self.i3d = i3d
         self.head = nn.Linear(4, 4)
 
+
+
+def _unit_with_statistics(kernel=(3, 3, 3), stride=(1, 1, 1)) -> Unit3D:
+    torch.manual_seed(0)
+    unit = Unit3D(4, 6, kernel, stride, use_bias=True)
+    bn = unit.bn
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    return unit
+
+
+@pytest.mark.parametrize("kernel, stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (2, 2, 2))])
+def test_frozen_unit_folds_its_batch_norm_into_the_convolution(kernel, stride):
+    unit = _unit_with_statistics(kernel, stride)
+    x = torch.randn(2, 4, 5, 9, 9)
+    expected = F.relu(unit.bn.eval()(unit.conv3d(pad_same_3d(x, kernel, stride))))
+    unit.requires_grad_(False).eval()
+    assert unit.folds_batch_norm()
+    with torch.inference_mode():
+        got = unit(x)
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    with direct_convolutions():  # the plain form: BatchNorm as its own layer
+        assert not unit.folds_batch_norm()
+        torch.testing.assert_close(unit(x), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_is_not_folded_while_it_or_the_convolution_trains():
+    unit = _unit_with_statistics()
+    assert not unit.folds_batch_norm()          # train mode: batch statistics
+    assert not unit.eval().folds_batch_norm()   # weights still trainable
+    unit.conv3d.requires_grad_(False)
+    assert not unit.folds_batch_norm()          # the BatchNorm's affine still trainable
+    unit.bn.requires_grad_(False)
+    assert unit.folds_batch_norm()
+
+
+def test_folded_weights_follow_new_statistics():
+    unit = _unit_with_statistics().requires_grad_(False).eval()
+    x = torch.randn(1, 4, 3, 6, 6)
+    with torch.no_grad():
+        unit(x)
+        state = {k: v.clone() for k, v in unit.state_dict().items()}
+        state["bn.running_mean"] += 1.0
+        unit.load_state_dict(state)
+        expected = F.relu(unit.bn(unit.conv3d(pad_same_3d(x, (3, 3, 3), (1, 1, 1)))))
+        torch.testing.assert_close(unit(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_stays_out_of_place_for_an_input_that_needs_gradients():
+    unit = _unit_with_statistics().eval()
+    x = torch.randn(1, 4, 3, 6, 6, requires_grad=True)
+    unit(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 @pytest.mark.parametrize("construct", ["freeze_i3d", "frozen=True"])
 def test_freezing_survives_parent_train(construct):
