@@ -133,6 +133,30 @@ def test_separable_max_pool_is_bit_identical(shape, kernel, stride, dtype):
     assert pooled.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+
+@pytest.mark.parametrize("shape", [(1, 4, 9, 112, 112), (1, 3, 9, 28, 28), (2, 3, 5, 15, 14), (1, 2, 3, 7, 7),
+                                   (1, 2, 1, 2, 3), (1, 1, 2, 1, 1)])
+@pytest.mark.parametrize("kernel, stride", [((1, 3, 3), (1, 2, 2)), ((3, 3, 3), (1, 1, 1)),
+                                            ((3, 3, 3), (2, 2, 2)), ((2, 2, 2), (2, 2, 2)), ((2, 3, 1), (3, 1, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separable_max_pool_pads_with_zeros_without_a_padded_copy(shape, kernel, stride, dtype):
+    # Negative inputs too: the padding's zero wins at the edges exactly as in the padded pool.
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    paddings = [same_padding(size, k, s) for size, k, s in zip(shape[2:], kernel, stride)]
+    pooled = separable_max_pool3d(x, kernel, stride, paddings)
+    assert torch.equal(pooled, F.max_pool3d(pad_same_3d(x, kernel, stride), kernel, stride))
+    assert pooled.is_contiguous(memory_format=torch.channels_last_3d) or pooled.numel() == pooled.shape[1]
+    with torch.inference_mode():
+        assert torch.equal(MaxPool3dSamePadding(kernel, stride)(x), pooled)
+
+
+def test_separable_max_pool_with_padding_wider_than_any_tap_reaches():
+    # No tap reads every output: that axis is pooled from a padded copy.
+    x = torch.randn(1, 2, 4, 5, 6)
+    pooled = separable_max_pool3d(x, (3, 3, 3), (1, 1, 2), ((2, 2), (1, 1), (2, 1)))
+    assert torch.equal(pooled, F.max_pool3d(F.pad(x, (2, 1, 1, 1, 2, 2)), (3, 3, 3), (1, 1, 2)))
+
 def test_max_pool_with_gradients_gives_each_window_one_winner():
     # On ties torch.maximum would share the gradient: the autograd path keeps max_pool3d's.
     x = torch.zeros(1, 1, 1, 3, 3, requires_grad=True)
