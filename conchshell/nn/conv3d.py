@@ -35,7 +35,8 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`conv3d` sends this convolution to oneDNN itself (see the module docstring)."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and compute_dtype(x) == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and rewritten_forms_allowed()
+            and torch.backends.mkldnn.enabled and hasattr(torch, "mkldnn_convolution")
+            and rewritten_forms_allowed()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
