@@ -39,6 +39,12 @@ def test_plain_where_it_would_not_pay_or_could_not_count():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 takes oneDNN anyway
         assert not uses_onednn(x, weight)
     assert not uses_onednn(x.double(), weight.double())
+    torch.backends.mkldnn.enabled = False  # the user turned oneDNN off
+    try:
+        assert not uses_onednn(x, weight)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert uses_onednn(x, weight)
 
 
 def test_gradients_still_flow_through_the_plain_path():
