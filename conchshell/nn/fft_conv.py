@@ -57,6 +57,13 @@ def fft_size(kernel: int) -> int:
     return 1 << (FFT_SIZE_PER_KERNEL * kernel - 1).bit_length()
 
 
+def _dft_angles(size: int, samples: int, device: torch.device | None = None) -> Tensor:
+    """``2 pi f n / size`` for the ``size/2 + 1`` frequencies f (rows) and the first
+    ``samples`` sample indices n (columns), in float64."""
+    bins = torch.arange(size // 2 + 1, dtype=torch.float64, device=device)
+    return (2 * math.pi / size) * torch.outer(bins, torch.arange(samples, dtype=torch.float64, device=device))
+
+
 def _spectrum_parts(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Real and imaginary parts of ``conj(rfft(weight, size))``, float64 ``[size/2+1, O, C]``.
 
@@ -68,9 +75,7 @@ def _spectrum_parts(weight: Tensor, size: int) -> tuple[Tensor, Tensor]:
     if size < kernel:
         raise ValueError(f"a block of {size} samples is shorter than the kernel ({kernel})")
     frequencies = size // 2 + 1
-    taps = torch.arange(kernel, dtype=torch.float64, device=weight.device)
-    bins = torch.arange(frequencies, dtype=torch.float64, device=weight.device)
-    angle = (2 * math.pi / size) * torch.outer(bins, taps)
+    angle = _dft_angles(size, kernel, weight.device)
     # conj(sum_k w[k] e^{-i angle}) = sum_k w[k] (cos angle + i sin angle), for real w.
     dft = torch.cat([torch.cos(angle), torch.sin(angle)])
     parts = dft @ weight.detach().double().reshape(out_channels * in_channels, kernel).t()
@@ -97,8 +102,7 @@ def dft_matrices(size: int, block: int, dtype: torch.dtype, device: torch.device
     the same rows, as ``[2F, block]``: ``irfft`` of a half spectrum ``Y`` is
     ``sum_f c_f (Re Y_f cos - Im Y_f sin) / size`` with ``c_f = 1`` at 0 and ``size/2``, else 2."""
     frequencies = size // 2 + 1
-    samples = torch.arange(size, dtype=torch.float64)
-    angle = (2 * math.pi / size) * torch.outer(torch.arange(frequencies, dtype=torch.float64), samples)
+    angle = _dft_angles(size, size)
     forward = torch.stack([torch.cos(angle), -torch.sin(angle)], dim=1).reshape(2 * frequencies, size)
     weight = torch.full((frequencies, 1), 2.0 / size, dtype=torch.float64)
     weight[0] = weight[-1] = 1.0 / size
